@@ -1,0 +1,96 @@
+"""The guide contract: a variational family ``q(U_w)`` for one inducing site.
+
+Every guide family is an :class:`InducingGuide`: an ``nn.Module``
+built from an :class:`InducingSite` (what the site looks like) that returns
+
+* :meth:`~InducingGuide.distribution`: ``q(U_w)`` over the flattened inducing
+  value (event shape ``(m_r * m_c,)``), reparameterised, and
+* :meth:`~InducingGuide.conditional_scale`: ``lambda`` of ``q(W | U) = N(s T_r U T_c, s^2 lambda^2 Sigma)``.
+
+The family never sees the network or the kernel; the mapping from ``U`` to the
+LoRA weights belongs to the layer (``models/``), as GPyTorch keeps the
+variational distribution apart from the variational strategy.
+
+``lambda`` is ``lambda_max * sigmoid(rho)``: a smooth cap (Bayesian-LoRA clamps it
+at 0.03) that keeps gradients alive at the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+__all__ = ["InducingSite", "InducingGuide", "bounded_param", "bounded_value"]
+
+
+@dataclass(frozen=True)
+class InducingSite:
+    """What a guide family may know about the site it approximates."""
+
+    name: str
+    dim: int
+    factor_shape: tuple[int, int]
+    lambda_init: float = 1e-3
+    lambda_max: float = 0.03
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+
+def bounded_param(init: float, upper: float, site: InducingSite, shape: tuple[int, ...] = ()) -> nn.Parameter:
+    """Unconstrained ``rho`` (dtype and device of ``site``) with ``upper * sigmoid(rho) = init``."""
+    if not 0 < init < upper:
+        raise ValueError(f"initial value {init} must lie strictly between 0 and its bound {upper}")
+    rho = torch.full(shape, math.log(init / (upper - init)), dtype=site.dtype, device=site.device)
+    return nn.Parameter(rho)
+
+
+def bounded_value(rho: Tensor, upper: float) -> Tensor:
+    return upper * torch.sigmoid(rho)
+
+
+class InducingGuide(nn.Module):
+    """Base class of the per-site variational families; see the module docstring.
+
+    Args:
+        site: the site to approximate.
+        learn_lambda: keep a learnable ``lambda`` (False fixes ``lambda = 0``, the MAP limit).
+    """
+
+    def __init__(self, site: InducingSite, learn_lambda: bool = True):
+        super().__init__()
+        self.site = site
+        self.learn_lambda = learn_lambda
+        if learn_lambda:
+            self.lambda_max = site.lambda_max
+            self.lambda_rho = bounded_param(site.lambda_init, site.lambda_max, site)
+
+    def distribution(self) -> Distribution:
+        """``q(U_w)``, event shape ``(site.dim,)``."""
+        raise NotImplementedError
+
+    def conditional_scale(self) -> Tensor:
+        """``lambda`` of ``q(W | U)``."""
+        if not self.learn_lambda:
+            return torch.zeros((), dtype=self.site.dtype, device=self.site.device)
+        return bounded_value(self.lambda_rho, self.lambda_max)
+
+    def mean(self, num_samples: int = 256) -> Tensor:
+        """``E_q[U_w]``: exact where the family has it, else a Monte Carlo estimate."""
+        with torch.no_grad():
+            return self.distribution().rsample((num_samples,)).mean(0)
+
+
+def randn_loc(site: InducingSite) -> nn.Parameter:
+    """Bayesian-LoRA initialises the mean of q(U) with a standard normal draw."""
+    return nn.Parameter(torch.randn(site.dim, dtype=site.dtype, device=site.device))
+
+
+def init_scale_check(scale_init: float, scale_max: float) -> None:
+    if not 0 < scale_init < scale_max:
+        raise ValueError(f"scale_init must be in (0, scale_max={scale_max}), got {scale_init}")
+    if not math.isfinite(scale_max):
+        raise ValueError("scale_max must be finite")

@@ -1,0 +1,141 @@
+"""The network-level guide: one per-site family for every Bayesian factor.
+
+:class:`BayesianLoRAGuide` walks the Bayesian factors in a fixed order (the
+order in which the model samples them) and, for each, samples ``U_w`` from its
+family and ``W | U`` from the factor's conditional with the family's ``lambda``.
+It knows the factors only through their site names, dimensions and
+``conditional``: it never sees the network.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Union
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from .base import InducingGuide, InducingSite
+from .delta import DeltaGuide
+from .flow import FlowGuide
+from .mvn import MultivariateNormalGuide
+from .normal import NormalGuide
+
+__all__ = ["GUIDES", "GuideSpec", "BayesianLoRAGuide", "guide_factory"]
+
+GUIDES: dict[str, type[InducingGuide]] = {
+    "flow": FlowGuide,
+    "normal": NormalGuide,
+    "mvn": MultivariateNormalGuide,
+    "delta": DeltaGuide,
+}
+"""Guide families by name; register yours with ``GUIDES["mine"] = MyGuide``."""
+
+GuideSpec = Union[str, type, Callable[[InducingSite], InducingGuide]]
+
+
+def guide_factory(spec: GuideSpec, **options: Any) -> Callable[[InducingSite], InducingGuide]:
+    """Turn a name, an :class:`InducingGuide` subclass or a ``factory(site)`` into a factory."""
+    if isinstance(spec, str):
+        if spec not in GUIDES:
+            raise ValueError(
+                f"unknown guide {spec!r}; choose one of {sorted(GUIDES)}, pass an InducingGuide subclass, "
+                "a factory(site) -> InducingGuide, or a BayesianLoRAGuide"
+            )
+        spec = GUIDES[spec]
+    if not callable(spec):
+        raise TypeError(f"guide must be a name, an InducingGuide subclass or a factory, got {type(spec).__name__}")
+
+    def build(site: InducingSite) -> InducingGuide:
+        family = spec(site, **options)
+        if not isinstance(family, InducingGuide):
+            raise TypeError(f"guide factory returned {type(family).__name__}, not an InducingGuide")
+        return family
+
+    return build
+
+
+def _key(site_name: str) -> str:
+    # nn.ModuleDict keys cannot contain dots.
+    return site_name.replace(".", "__")
+
+
+class BayesianLoRAGuide(nn.Module):
+    """``q(U, W) = prod_factors q(U_w) q(W | U)`` over all Bayesian factors.
+
+    Args:
+        factors: the model's :class:`~pyro_blora.models.InducingFactor` objects, in sampling order.
+        family: a guide name (``"flow"``, ``"normal"``, ``"mvn"``, ``"delta"``), class or factory.
+        lambda_init, lambda_max: initial value and cap of each site's ``lambda``.
+        options: keyword arguments for the family (``transforms``, ``hidden_dims``, ``rank``, ...).
+    """
+
+    def __init__(
+        self,
+        factors: Iterable[Any],
+        family: GuideSpec = "flow",
+        lambda_init: float = 1e-3,
+        lambda_max: float = 0.03,
+        **options: Any,
+    ):
+        super().__init__()
+        factors = list(factors)
+        if not factors:
+            raise ValueError("the model has no Bayesian factors to guide; check target_modules / bayesian_modules")
+        build = guide_factory(family, **options)
+        self.family_name = family if isinstance(family, str) else getattr(family, "__name__", type(family).__name__)
+        self.options = dict(options)
+        self.sites = nn.ModuleDict()
+        for factor in factors:
+            param = factor.prior.z_rows
+            site = InducingSite(
+                factor.site_name, factor.site_dim, tuple(factor.shape), lambda_init, lambda_max, param.dtype, param.device
+            )
+            self.sites[_key(factor.site_name)] = build(site)
+        # A plain list: the factors' parameters belong to the model, not to the guide.
+        self._factors = factors
+
+    def site_guide(self, factor_name: str) -> InducingGuide:
+        return self.sites[_key(factor_name)]
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Sample every ``U`` and ``W`` site; return the ``W`` draws by site name."""
+        draws = {}
+        for factor in self._factors:
+            family = self.sites[_key(factor.site_name)]
+            u_value = pyro.sample(factor.site_u, family.distribution())
+            draws[factor.site_w] = pyro.sample(factor.site_w, factor.conditional(u_value, family.conditional_scale()))
+        return draws
+
+    @torch.no_grad()
+    def sample_inducing(self, num_samples: int) -> dict[str, Tensor]:
+        """``num_samples`` draws of every ``U_w`` (for plots of q(U))."""
+        return {f.site_u: self.sites[_key(f.site_name)].distribution().rsample((num_samples,)) for f in self._factors}
+
+    @torch.no_grad()
+    def mean_weights(self, num_samples: int = 256) -> dict[str, Tensor]:
+        """Posterior-mean factors ``E_q[W] = s T_r E_q[U] T_c`` (the noise has mean zero, U enters linearly)."""
+        out = {}
+        for factor in self._factors:
+            family = self.sites[_key(factor.site_name)]
+            out[factor.site_w] = factor.conditional(family.mean(num_samples), 0.0).mean
+        return out
+
+    def spec(self) -> Mapping[str, Any]:
+        """JSON description used to rebuild the guide on load."""
+        return {"family": self.family_name, "options": _jsonable(self.options)}
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, (list, tuple)):
+            value = [v if isinstance(v, (str, int, float, bool)) or v is None else _qualname(v) for v in value]
+        elif not (isinstance(value, (str, int, float, bool)) or value is None):
+            value = _qualname(value)
+        out[key] = value
+    return out
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"

@@ -1,0 +1,175 @@
+"""The Bayesian-LoRA linear layer: a frozen base layer plus ``(alpha / r) B A x``.
+
+Each Bayesian factor (``A``: ``r x d_in``, ``B``: ``d_out x r``) is an
+:class:`InducingFactor`, a small Pyro model with two sample sites::
+
+    {layer}.lora_A.U ~ prior over the inducing matrix (models/priors.py)
+    {layer}.lora_A.W ~ W | U  (models/conditional.py)
+
+:meth:`BayesianLoRALinear.model` samples both factors and keeps the draw for the
+next forward passes; the layer never knows whether a guide, a replayed trace or
+the prior supplied the values. Factors of non-Bayesian targeted layers are plain
+LoRA parameters (peft's initialisation: Kaiming-uniform ``A``, zero ``B``).
+
+Weights may carry a leading sample dimension ``S``: then the input's batch is
+read as ``S`` stacked copies (sample-major) and copy ``s`` uses sample ``s``,
+which evaluates several posterior samples in one forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from .conditional import InducingConditional
+from .priors import InducingPrior, build_prior
+
+if TYPE_CHECKING:
+    from pyro_blora.config import BLoRAConfig
+
+__all__ = ["InducingFactor", "BayesianLoRALinear", "linear_shape"]
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or transformers' GPT-2 ``Conv1D``; None otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        d_in, d_out = module.weight.shape  # Conv1D stores the weight transposed
+        return int(d_in), int(d_out)
+    return None
+
+
+class InducingFactor(nn.Module):
+    """One Bayesian LoRA factor ``W`` (``rows x cols``) generated from an inducing matrix.
+
+    The output scale is ``s = prior_sd / sqrt(cols)``: ``cols`` is the factor's
+    fan-in, so ``W x`` keeps the prior's scale whatever the width.
+    """
+
+    def __init__(self, name: str, rows: int, cols: int, config: "BLoRAConfig"):
+        super().__init__()
+        self.site_name = name
+        self.shape = (rows, cols)
+        self.prior: InducingPrior = build_prior(config.prior, rows, cols, config, name)
+        self.scale = config.prior_sd / math.sqrt(cols)
+
+    @property
+    def site_u(self) -> str:
+        return f"{self.site_name}.U"
+
+    @property
+    def site_w(self) -> str:
+        return f"{self.site_name}.W"
+
+    @property
+    def site_dim(self) -> int:
+        return self.prior.site_dim
+
+    def conditional(self, u_value: Tensor, lam: Tensor | float) -> InducingConditional:
+        """The distribution of ``W`` given the ``U`` site's value and noise scale ``lambda``."""
+        geometry = self.prior.geometry()
+        return InducingConditional(geometry, self.prior.inducing_matrix(u_value, geometry), self.scale, lam)
+
+    def model(self) -> Tensor:
+        """Sample ``U`` from the prior and ``W | U`` (``lambda = 1``); return ``W``."""
+        geometry = self.prior.geometry()
+        u_value = pyro.sample(self.site_u, self.prior.site_distribution(geometry))
+        inducing = self.prior.inducing_matrix(u_value, geometry)
+        return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, 1.0))
+
+
+class BayesianLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` / ``Conv1D`` plus a (Bayesian) low-rank update.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen, not copied.
+        name: the layer's module path, used to name the sample sites.
+        config: rank, scaling, dropout, inducing sizes and prior.
+        bayesian: Bayesian factors (True) or plain LoRA parameters (False).
+    """
+
+    def __init__(self, base: nn.Module, name: str, config: "BLoRAConfig", bayesian: bool = True):
+        super().__init__()
+        shape = linear_shape(base)
+        if shape is None:
+            raise TypeError(f"{name}: can only adapt nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        self.in_features, self.out_features = shape
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.layer_name = name
+        self.r = config.r
+        self.scaling = config.alpha / config.r
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.bayesian = bayesian
+        # Adapters live in float32 (float64 for a float64 base) on the base's device;
+        # the base keeps its own dtype, which may be half precision or quantised.
+        weight = base.weight
+        kw = {"device": weight.device, "dtype": torch.float64 if weight.dtype == torch.float64 else torch.float32}
+        if bayesian:
+            self.lora_A = InducingFactor(f"{name}.lora_A", config.r, self.in_features, config).to(**kw)
+            self.lora_B = InducingFactor(f"{name}.lora_B", self.out_features, config.r, config).to(**kw)
+        else:
+            self.lora_A_weight = nn.Parameter(torch.empty(config.r, self.in_features, **kw))
+            nn.init.kaiming_uniform_(self.lora_A_weight, a=math.sqrt(5))
+            self.lora_B_weight = nn.Parameter(torch.zeros(self.out_features, config.r, **kw))
+        self.base = base
+        self._sampled: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def factors(self) -> list[InducingFactor]:
+        """The Bayesian factors, ``[A, B]``, or ``[]`` for a plain LoRA layer."""
+        return [self.lora_A, self.lora_B] if self.bayesian else []
+
+    def model(self) -> tuple[Tensor, Tensor]:
+        """Sample both factors (Pyro sites) and use them in the following forwards."""
+        if self.bayesian:
+            self.set_adapter_weights(self.lora_A.model(), self.lora_B.model())
+        return self.adapter_weights()
+
+    def set_adapter_weights(self, a: Tensor, b: Tensor) -> None:
+        """Fix ``A`` (``[S,] r x d_in``) and ``B`` (``[S,] d_out x r``) for the next forwards."""
+        if a.shape[-2:] != (self.r, self.in_features) or b.shape[-2:] != (self.out_features, self.r):
+            raise ValueError(
+                f"{self.layer_name}: adapter weights of shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                f"A ({self.r}, {self.in_features}) and B ({self.out_features}, {self.r})"
+            )
+        self._sampled = (a, b)
+
+    def clear_adapter_weights(self) -> None:
+        self._sampled = None
+
+    def adapter_weights(self) -> tuple[Tensor, Tensor]:
+        if not self.bayesian:
+            return self.lora_A_weight, self.lora_B_weight
+        if self._sampled is None:
+            raise RuntimeError(
+                f"{self.layer_name} has no sampled adapter weights: run the network through "
+                "pyro_blora (FitResult.predict, BayesianLoRAModel), or call FitResult.use_posterior_mean()"
+            )
+        return self._sampled
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        a, b = self.adapter_weights()
+        h = self.dropout(x).to(a.dtype)
+        if a.dim() == 2:
+            delta = (h @ a.T) @ b.T
+        else:
+            samples = a.shape[0]
+            if x.shape[0] % samples:
+                raise ValueError(
+                    f"{self.layer_name}: batch of {x.shape[0]} rows cannot hold {samples} stacked posterior samples"
+                )
+            flat = h.reshape(samples, -1, self.in_features)
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return out + (self.scaling * delta).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "bayesian" if self.bayesian else "point"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, {kind}"

@@ -1,0 +1,42 @@
+"""pyro_blora: Bayesian-LoRA (Lin et al., 2026) on Pyro.
+
+Fine-tune a language model with low-rank adapters whose factors come from
+inducing matrices under a Gaussian-process-style prior, with a normalizing-flow
+posterior, and get calibrated class probabilities::
+
+    result = pyro_blora.fit(model, data, guide="flow", task=task)
+    prediction = result.predict(test_data, num_samples=4)
+    metrics = pyro_blora.evaluate(result, test_data)
+"""
+
+from typing import Any, Sequence
+
+from .config import BLoRAConfig, TrainConfig
+from .fit import fit
+from .inject import adapted_layers, inject_adapters, remove_adapters
+from .io import load, save
+from .model import BayesianLoRAModel
+from .result import FitResult, Prediction
+
+__version__ = "0.1.0"
+
+
+def evaluate(result: FitResult, data: Any, num_samples: int = 4, n_bins: int = 15) -> dict[str, float]:
+    """Metrics (ACC, ECE, MCE, NLL, Brier, uncertainty) of ``result``'s posterior predictive on ``data``."""
+    return result.evaluate(data, num_samples=num_samples, n_bins=n_bins)
+
+
+__all__ = [
+    "BLoRAConfig",
+    "BayesianLoRAModel",
+    "FitResult",
+    "Prediction",
+    "TrainConfig",
+    "adapted_layers",
+    "evaluate",
+    "fit",
+    "inject_adapters",
+    "load",
+    "remove_adapters",
+    "save",
+]

@@ -1,0 +1,155 @@
+"""Typed configuration: where the adapters go (:class:`BLoRAConfig`) and how they train (:class:`TrainConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+__all__ = ["BLoRAConfig", "TrainConfig", "config_from_dict"]
+
+TargetModules = Union[list[str], str]
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class BLoRAConfig:
+    """Which layers get Bayesian-LoRA adapters and how their prior and conditional look.
+
+    ``target_modules`` and ``bayesian_modules`` follow peft: a list of names
+    matched as the full module name or its dotted suffix (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``), or one string taken as a regular
+    expression that must match the full name.
+    """
+
+    target_modules: TargetModules = _help(
+        "Modules to adapt: list of name suffixes, or a regex matched against the full name.",
+        factory=lambda: ["q_proj", "v_proj"],
+    )
+    bayesian_modules: Optional[TargetModules] = _help(
+        "Which targeted modules get Bayesian factors (same syntax); None = all of them. "
+        "The others get plain LoRA factors trained as point estimates.",
+        None,
+    )
+    r: int = _help("LoRA rank.", 8)
+    alpha: float = _help("LoRA scaling numerator: the update is (alpha / r) B A x.", 16.0)
+    dropout: float = _help("Dropout on the LoRA path's input (training only).", 0.05)
+    inducing_rows: int = _help("m_r, rows of each inducing matrix U.", 9)
+    inducing_cols: int = _help("m_c, columns of each inducing matrix U.", 9)
+    prior: Any = _help("Prior over U: 'gp' (matrix normal), 'normal' (isotropic), or an InducingPrior class.", "gp")
+    whitened: bool = _help("Sample the whitened U_w ~ N(0, I) and map U = L_r U_w L_c^T (the 'gp' prior).", True)
+    prior_sd: float = _help("Prior sd numerator: W = s (T_r U T_c + lambda noise), s = prior_sd / sqrt(fan_in).", 0.1)
+    lambda_init: float = _help("Initial conditional noise scale lambda of q(W | U).", 1e-3)
+    lambda_max: float = _help("Upper bound of lambda (a smooth cap, lambda = max * sigmoid(rho)).", 0.03)
+    jitter: float = _help("Relative diagonal jitter added when a kernel Cholesky fails.", 1e-6)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        for name in ("target_modules", "bayesian_modules"):
+            value = getattr(self, name)
+            if value is None and name == "bayesian_modules":
+                continue
+            if isinstance(value, str):
+                if not value:
+                    raise ValueError(f"{name} is an empty string; give a regex or a list of module names")
+            elif not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+                raise ValueError(f"{name} must be a non-empty list of module names or a regex string, got {value!r}")
+        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}")
+        _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("inducing_rows", "inducing_cols"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64,
+                f"{name} must be an integer in [1, 64] (the U-site has inducing_rows * inducing_cols dims), got {value!r}",
+            )
+        _check(self.prior_sd > 0, f"prior_sd must be positive, got {self.prior_sd!r}")
+        _check(self.lambda_max > 0, f"lambda_max must be positive, got {self.lambda_max!r}")
+        _check(
+            0 < self.lambda_init < self.lambda_max,
+            f"lambda_init must be in (0, lambda_max={self.lambda_max}), got {self.lambda_init!r}",
+        )
+        _check(0 < self.jitter < 1, f"jitter must be in (0, 1), got {self.jitter!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; a prior given as a class is stored by its qualified name."""
+        out = dataclasses.asdict(self)
+        if not isinstance(self.prior, str):
+            out["prior"] = f"{self.prior.__module__}.{self.prior.__qualname__}"
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`pyro_blora.fit` runs SVI on the ELBO.
+
+    The objective per step is the minibatch ELBO with the likelihood scaled by
+    ``N / B`` and every KL term (latent site) scaled by ``beta_t``::
+
+        loss = (N / B) sum_batch -log p(y | x, W) + beta_t * KL(q || p),
+        beta_t = kl_weight * min(1, (t + 1) / kl_warmup_steps).
+
+    ``kl_weight = 1`` is the proper ELBO. The released Bayesian-LoRA code uses the
+    mean cross-entropy plus ``0.1 * KL / batches_per_epoch``, which is
+    ``kl_weight = 0.1 * batch_size`` in these units.
+    """
+
+    num_steps: Optional[int] = _help("Optimiser steps; if None, epochs * batches per epoch.", None)
+    epochs: int = _help("Passes over the training data when num_steps is None.", 3)
+    batch_size: int = _help("Examples per step (when data is not already a DataLoader).", 8)
+    lr: float = _help("AdamW learning rate.", 5e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.01)
+    schedule: str = _help("Learning-rate schedule: constant | linear | cosine.", "cosine")
+    warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
+    max_grad_norm: Optional[float] = _help("Clip the global gradient norm (None: no clipping).", 1.0)
+    kl_weight: float = _help("beta: weight of the KL terms (1 = proper ELBO).", 1.0)
+    kl_warmup: float = _help("Fraction of the steps over which beta ramps linearly up to kl_weight.", 0.2)
+    num_particles: int = _help("Posterior samples per ELBO estimate.", 1)
+    eval_every: Optional[int] = _help("Evaluate on the validation data every this many steps.", None)
+    early_stopping_patience: Optional[int] = _help(
+        "Stop after this many validation checks without a lower validation NLL.", None
+    )
+    seed: int = _help("Seed for torch, Pyro and the data order.", 0)
+    progress: bool = _help("Show a progress bar with ELBO, NLL and KL.", True)
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps is None or self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps!r}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr!r}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(
+            self.schedule in ("constant", "linear", "cosine"),
+            f"schedule must be one of constant, linear, cosine; got {self.schedule!r}",
+        )
+        _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        _check(0 <= self.kl_warmup <= 1, f"kl_warmup must be a fraction in [0, 1], got {self.kl_warmup!r}")
+        _check(self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any]):
+    """Build ``cls`` from a mapping, naming unknown keys and the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; valid options: {sorted(names)}")
+    return cls(**dict(values))
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

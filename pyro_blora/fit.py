@@ -1,0 +1,192 @@
+"""``fit``: stochastic variational inference on the ELBO of a Bayesian-LoRA network.
+
+One step draws a minibatch, runs the guide and the model under
+``TraceMeanField_ELBO`` (closed-form KL where one is registered: Gaussian
+guides against the Gaussian prior, and the conditional ``W | U``; a Monte Carlo
+estimate through the flow otherwise), and takes an AdamW step on every
+adapter and guide parameter. Parameters live on the modules (no Pyro param
+store), so the torch optimiser sees them directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import pyro
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pyro_blora.guides import BayesianLoRAGuide
+from pyro_blora.guides.network import GuideSpec
+
+from .config import BLoRAConfig, TrainConfig, config_from_dict
+from .inject import adapted_layers, inject_adapters
+from .model import BayesianLoRAModel
+from .result import FitResult, TrainingState, make_loader
+from .tasks.base import Task, TensorTask
+
+__all__ = ["fit", "KLScale"]
+
+Callback = Callable[[TrainingState], Optional[bool]]
+
+
+class KLScale(Messenger):
+    """Multiplies the log-density of every latent (non-observed) site by ``beta``.
+
+    Applied to both model and guide, it scales every KL term of the ELBO,
+    analytic or Monte Carlo, while the likelihood keeps its ``N / B`` scale.
+    """
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen, params = set(), []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def fit(
+    model: nn.Module,
+    data: Union[Dataset, DataLoader, Sequence[Any]],
+    guide: Union[GuideSpec, BayesianLoRAGuide] = "flow",
+    *,
+    task: Optional[Task] = None,
+    config: Union[BLoRAConfig, dict, None] = None,
+    guide_options: Optional[dict] = None,
+    val_data: Union[Dataset, DataLoader, Sequence[Any], None] = None,
+    callbacks: Sequence[Callback] = (),
+    **options: Any,
+) -> FitResult:
+    """Fit Bayesian-LoRA adapters to ``model`` on ``data`` by SVI.
+
+    Args:
+        model: any ``nn.Module``; adapters are injected in place per ``config``
+            unless it already carries them (e.g. from :func:`pyro_blora.load`).
+        data: training examples (a ``Dataset``, ``datasets.Dataset`` or list,
+            collated by ``task``) or a ``DataLoader`` of collated batches.
+        guide: ``"flow"`` (default), ``"normal"``, ``"mvn"``, ``"delta"`` (MAP,
+            plain LoRA), an :class:`~pyro_blora.guides.InducingGuide` subclass, a
+            ``factory(site)``, or a ready :class:`~pyro_blora.guides.BayesianLoRAGuide`.
+        task: turns batches into class logits; default :class:`~pyro_blora.tasks.TensorTask`.
+        config: where the adapters go and their prior (:class:`BLoRAConfig` or dict).
+        guide_options: keyword arguments of the guide family (``transforms``,
+            ``hidden_dims``, ``rank``, ``scale_init``, ...).
+        val_data: validation examples, evaluated every ``eval_every`` steps
+            (validation NLL drives early stopping; never pass the test split).
+        callbacks: called after each step with a :class:`TrainingState`; return
+            True to stop.
+        **options: any :class:`TrainConfig` field (``num_steps``, ``lr``, ``kl_weight``, ...).
+
+    Returns:
+        A :class:`FitResult` with ``predict``, ``evaluate`` and ``save``.
+    """
+    train = config_from_dict(TrainConfig, options)
+    if isinstance(config, dict):
+        config = config_from_dict(BLoRAConfig, config)
+    config = config or BLoRAConfig()
+    task = task or TensorTask()
+    torch.manual_seed(train.seed)
+    pyro.set_rng_seed(train.seed)
+
+    loader = make_loader(data, task, train.batch_size, shuffle=True, seed=train.seed)
+    num_data = len(loader.dataset)
+    steps_per_epoch = len(loader)
+    total = train.num_steps or train.epochs * steps_per_epoch
+
+    if not adapted_layers(model):
+        inject_adapters(model, config)
+    bayes_model = BayesianLoRAModel(model, task, num_data)
+    if isinstance(guide, BayesianLoRAGuide):
+        bayes_guide = guide
+    else:
+        bayes_guide = BayesianLoRAGuide(
+            bayes_model.factors, guide, config.lambda_init, config.lambda_max, **(guide_options or {})
+        )
+    result = FitResult(bayes_model, bayes_guide, config, train, task)
+
+    params = _trainable([model, bayes_guide])
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.schedule, train.warmup_steps, total))
+    elbo = TraceMeanField_ELBO(num_particles=train.num_particles)
+    kl_scale = KLScale()
+    scaled_model, scaled_guide = kl_scale(bayes_model), kl_scale(bayes_guide)
+    warmup_steps = max(1, round(train.kl_warmup * total))
+
+    state = TrainingState(result=result, step=0, total_steps=total)
+    best = (math.inf, None)
+    stale = 0
+    model.train()
+    bar = tqdm(total=total, desc=f"fit[{bayes_guide.family_name}]", disable=not train.progress, dynamic_ncols=True)
+    try:
+        while state.step < total:
+            for batch in loader:
+                if state.step >= total:
+                    break
+                kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
+                optimizer.zero_grad(set_to_none=True)
+                loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {float(loss)} at step {state.step}; lower lr, raise jitter, "
+                        "or check the inputs for NaN"
+                    )
+                loss.backward()
+                if train.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                state.record(float(loss), bayes_model.last_nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
+                bar.update(1)
+                bar.set_postfix(state.postfix(), refresh=False)
+                if val_data is not None and train.eval_every and state.step % train.eval_every == 0:
+                    metrics = result.evaluate(val_data, num_samples=4)
+                    state.record_validation(metrics)
+                    if metrics["nll"] < best[0]:
+                        best, stale = (metrics["nll"], result.state_dict_copy()), 0
+                    else:
+                        stale += 1
+                    if train.early_stopping_patience is not None and stale >= train.early_stopping_patience:
+                        state.stop = True
+                for callback in callbacks:
+                    if callback(state):
+                        state.stop = True
+                if state.stop:
+                    break
+            if state.stop:
+                break
+    finally:
+        bar.close()
+    if best[1] is not None and train.early_stopping_patience is not None:
+        result.load_state_dict_copy(best[1])
+    model.eval()
+    return result

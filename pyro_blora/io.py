@@ -1,0 +1,193 @@
+"""Saving and loading fitted adapters: safetensors plus JSON, never pickle.
+
+A saved folder holds
+
+* ``adapter_config.json``: the :class:`BLoRAConfig`, the guide family and its
+  options, the training settings, the adapted layers with their shapes, and a
+  fingerprint of the base model's adapted weights;
+* ``adapter_model.safetensors``: adapter parameters (``net.<layer>.<param>``)
+  and guide state (``guide.<key>``).
+
+:func:`load` injects the same adapters into a fresh base model, rebuilds the
+guide and restores every tensor, refusing a base model whose adapted layers
+differ in shape or weights from the one the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pyro_blora.guides import BayesianLoRAGuide
+from pyro_blora.guides.network import GuideSpec
+
+from .config import BLoRAConfig, TrainConfig, config_from_dict
+from .inject import adapted_layers, inject_adapters
+from .model import BayesianLoRAModel
+from .result import FitResult
+from .tasks.base import Task, TensorTask
+
+__all__ = ["save", "load", "fingerprint", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Names, shapes and a value digest of the base weights under the adapters.
+
+    The digest hashes a strided sample of each base weight, so it catches a
+    different checkpoint of the same architecture without reading every value.
+    """
+    layers = adapted_layers(model)
+    digest = hashlib.sha256()
+    shapes = {}
+    for layer in layers:
+        weight = layer.base.weight.detach()
+        shapes[layer.layer_name] = list(weight.shape)
+        flat = weight.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float32).cpu()
+        digest.update(layer.layer_name.encode())
+        digest.update(sample.numpy().round(4).tobytes())
+    return {"shapes": shapes, "digest": digest.hexdigest()}
+
+
+def save(result: FitResult, path: str | os.PathLike) -> Path:
+    """Write ``result`` to the folder ``path`` (created if missing); returns the folder.
+
+    Files are written to temporary names and renamed, so an interrupted save
+    never leaves a half-written adapter behind.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "blora_config": result.config.to_dict(),
+        "guide": dict(result.guide.spec()),
+        "train_config": result.train_config.to_dict(),
+        "num_classes": getattr(result.task, "num_classes", None),
+        "num_data": result.model.num_data,
+        "layers": [
+            {"name": layer.layer_name, "bayesian": layer.bayesian, "in": layer.in_features, "out": layer.out_features}
+            for layer in result.model.layers
+        ],
+        "base_fingerprint": fingerprint(result.net),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in result.trainable_state().items()}
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return folder
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a saved adapter, with clear errors for a missing or corrupted file."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not a saved pyro_blora adapter folder")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON (truncated or corrupted?): {err}") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {meta.get('format_version')!r}; this pyro_blora reads {FORMAT_VERSION}")
+    return meta
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    task: Optional[Task] = None,
+    guide: Optional[GuideSpec] = None,
+    check_base: bool = True,
+) -> FitResult:
+    """Rebuild a :class:`FitResult` from a folder written by :func:`save`.
+
+    Args:
+        path: the adapter folder.
+        model: a fresh copy of the base model (adapters are injected in place).
+        task: the task used for prediction (default :class:`TensorTask`).
+        guide: the guide family, needed only when it was a custom class or factory.
+        check_base: refuse a base model whose adapted weights differ from the
+            one the adapter was trained on.
+    """
+    meta = read_config(path)
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: the adapter folder {path} is incomplete")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} could not be read (truncated or corrupted?): {err}") from err
+
+    config = config_from_dict(BLoRAConfig, meta["blora_config"])
+    if not isinstance(config.prior, str) or "." in config.prior:
+        raise ValueError(f"the adapter used a custom prior {config.prior!r}; pass BLoRAConfig.prior to inject it yourself")
+    if adapted_layers(model):
+        raise ValueError("load() needs a base model without adapters; it injects them itself")
+    inject_adapters(model, config)
+    if check_base:
+        _check_base(meta, model)
+    task = task or TensorTask(meta.get("num_classes"))
+    bayes_model = BayesianLoRAModel(model, task, meta["num_data"])
+    spec = meta["guide"]
+    family = guide if guide is not None else spec["family"]
+    from pyro_blora.guides import GUIDES
+
+    if isinstance(family, str) and family not in GUIDES:
+        raise ValueError(f"the adapter was trained with a custom guide {family!r}; pass guide= with its class or factory")
+    bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
+    result = FitResult(bayes_model, bayes_guide, config, config_from_dict(TrainConfig, meta["train_config"]), task)
+    current = result.trainable_state()
+    missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"{file} does not match this model and guide: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if current[key].shape != value.shape:
+                raise ValueError(
+                    f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)}; "
+                    "the adapter was trained on a different base model"
+                )
+            current[key].copy_(value)
+    model.eval()
+    return result
+
+
+def _check_base(meta: dict[str, Any], model: nn.Module) -> None:
+    saved = meta["base_fingerprint"]
+    now = fingerprint(model)
+    if saved["shapes"] != now["shapes"]:
+        diff = [n for n in saved["shapes"] if now["shapes"].get(n) != saved["shapes"][n]][:3]
+        raise ValueError(
+            f"this adapter was trained on a base model with other adapted layers (first differences: {diff}); "
+            "load it onto the model it was trained on"
+        )
+    if saved["digest"] != now["digest"]:
+        raise ValueError(
+            "the base model's adapted weights differ from those the adapter was trained on (fingerprint mismatch); "
+            "load it onto the same checkpoint, or pass check_base=False if you know what you are doing"
+        )

@@ -1,0 +1,94 @@
+"""The Pyro model of a network with Bayesian-LoRA adapters.
+
+.. math::
+
+    p(y, W, U \\mid x) = \\prod_{\\text{factors}} p(U)\\, p(W \\mid U)
+                         \\prod_{i=1}^{N} p(y_i \\mid x_i, W),
+
+with ``p(y | x, W) = Categorical(softmax(task.class_logits(net, x)))``. A
+minibatch of ``B`` examples is observed in a ``pyro.plate`` of size ``N``, which
+scales its log-likelihood by ``N / B`` (unbiased for the full-data ELBO).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pyro_blora.models import BayesianLoRALinear, InducingFactor
+
+from .inject import adapted_layers
+from .tasks.base import Task
+
+__all__ = ["BayesianLoRAModel", "check_labels"]
+
+
+def check_labels(labels: Any, num_classes: int) -> Tensor:
+    """Integer labels in ``[0, num_classes)``, or a ``ValueError`` that says what is wrong."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor of class indices, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (batch,), got {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique()[:5].tolist()
+        raise ValueError(f"labels {bad} out of range for {num_classes} classes (valid: 0..{num_classes - 1})")
+    return labels.long()
+
+
+class BayesianLoRAModel(nn.Module):
+    """Wraps an adapted network, its task and the data size into a Pyro model.
+
+    Args:
+        net: a network already carrying :class:`BayesianLoRALinear` layers.
+        task: maps batches to class logits (:class:`~pyro_blora.tasks.Task`).
+        num_data: ``N``, the training-set size, for the ``N / B`` likelihood scale.
+    """
+
+    def __init__(self, net: nn.Module, task: Task, num_data: int):
+        super().__init__()
+        layers = adapted_layers(net)
+        if not layers:
+            raise ValueError("the network has no Bayesian-LoRA layers; inject adapters first")
+        if num_data < 1:
+            raise ValueError(f"num_data must be >= 1, got {num_data}")
+        self.net = net
+        self.task = task
+        self.num_data = int(num_data)
+        # Plain lists: the layers are already registered as submodules of ``net``.
+        self.layers: list[BayesianLoRALinear] = layers
+        self.factors: list[InducingFactor] = [f for layer in layers for f in layer.factors]
+        self.last_nll: float = float("nan")
+
+    def sample_adapters(self) -> None:
+        """Sample every Bayesian factor (Pyro sites ``*.U`` and ``*.W``) into its layer."""
+        for layer in self.layers:
+            layer.model()
+
+    def set_adapter_weights(self, weights: Mapping[str, Tensor]) -> None:
+        """Put given factor draws (site name ``*.W`` -> tensor, optionally with a sample dim) into the layers."""
+        for layer in self.layers:
+            if layer.bayesian:
+                layer.set_adapter_weights(weights[layer.lora_A.site_w], weights[layer.lora_B.site_w])
+
+    def class_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Sample the adapters, then the task's class logits for ``batch``."""
+        self.sample_adapters()
+        return self.task.class_logits(self.net, batch)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if "labels" not in batch:
+            raise ValueError(f"a training batch needs 'labels'; it has {sorted(batch)}")
+        logits = self.class_logits(batch)
+        labels = check_labels(batch["labels"], logits.shape[-1]).to(logits.device)
+        with torch.no_grad():
+            self.last_nll = float(F.cross_entropy(logits.float(), labels))
+        with pyro.plate("data", self.num_data, subsample=torch.arange(len(labels), device=logits.device)):
+            pyro.sample("labels", dist.Categorical(logits=logits), obs=labels)
+        return logits

@@ -1,0 +1,383 @@
+"""Figures for calibration, uncertainty and posterior diagnostics.
+
+Every function takes plain tensors, arrays, lists and dicts (never library
+objects), returns a :class:`matplotlib.figure.Figure` and, when ``path`` is
+given, also saves it there (PNG at 120 dpi, tight bounding box).
+
+Figures are built with :class:`~matplotlib.figure.Figure` directly instead of
+``pyplot``: nothing is registered with a GUI backend, so the functions work
+headless, inside servers and in tests without ``matplotlib.use("Agg")``, and
+leave the caller's global backend alone. No ``plt.close`` is needed either: a
+figure is freed with its last reference.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from pyro_blora import metrics
+from pyro_blora.metrics import ArrayLike
+
+__all__ = [
+    "reliability_diagram",
+    "posterior_predictive",
+    "training_curves",
+    "uncertainty_histograms",
+    "risk_coverage_curve",
+    "posterior_marginals",
+]
+
+_PRETTY = {
+    "elbo": "ELBO",
+    "loss": "loss",
+    "nll": "NLL",
+    "kl": "KL(q || p)",
+    "acc": "accuracy",
+    "ece": "ECE",
+    "lr": "learning rate",
+    "predictive_entropy": "predictive entropy (total)",
+    "expected_entropy": "expected entropy (aleatoric)",
+    "mutual_information": "mutual information (epistemic)",
+}
+
+
+def _np(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} could not be converted to a float array: {err}") from err
+
+
+def _finish(fig: Figure, path: str | Path | None) -> Figure:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def _grid(fig: Figure, k: int, max_cols: int) -> list:
+    """``k`` axes in a near-square grid; surplus cells are removed so ``len(fig.axes) == k``."""
+    ncols = min(k, max_cols)
+    nrows = math.ceil(k / ncols)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[k:]:
+        fig.delaxes(ax)
+    return axes[:k]
+
+
+def _require_results(results: Mapping[str, tuple[ArrayLike, ArrayLike]]) -> None:
+    if not results:
+        raise ValueError("results is empty; pass {method name: (probs, labels)}")
+
+
+def reliability_diagram(
+    results: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    n_bins: int = 15,
+    path: str | Path | None = None,
+) -> Figure:
+    """Reliability diagrams, one column per method, with confidence histograms beneath.
+
+    Top row: accuracy per confidence bin (bars) against the diagonal of perfect
+    calibration; the hatched red part of each bar is the gap to the bin's mean
+    confidence (above the bar: over-confident, inside it: under-confident). The
+    title carries the ECE. Bottom row: the fraction of examples in each bin, with
+    the overall accuracy and mean confidence marked; a gap between the two lines
+    is the "average" miscalibration the ECE weights by these counts.
+
+    Args:
+        results: ``{method name: (probs (N, C), labels (N,))}``.
+        n_bins: equal-width confidence bins, as in :func:`metrics.expected_calibration_error`.
+        path: where to save the PNG, if anywhere.
+    """
+    _require_results(results)
+    m = len(results)
+    fig = Figure(figsize=(3.3 * m + 0.5, 5.0), layout="constrained")
+    axes = fig.subplots(2, m, squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for j, (name, (probs, labels)) in enumerate(results.items()):
+        bins = metrics.calibration_bins(probs, labels, n_bins)
+        ece = metrics.expected_calibration_error(probs, labels, n_bins)
+        acc_all = metrics.accuracy(probs, labels)
+        edges = bins["bin_edges"].numpy()
+        conf, acc, count = bins["confidence"].numpy(), bins["accuracy"].numpy(), bins["count"].numpy()
+        width, left, full = 1.0 / n_bins, edges[:-1], count > 0
+
+        ax = axes[0, j]
+        ax.bar(left[full], acc[full], width, align="edge", color="C0", edgecolor="black", lw=0.6, label="accuracy")
+        ax.bar(left[full], (conf - acc)[full], width, bottom=acc[full], align="edge", color="tab:red",
+               alpha=0.3, hatch="//", edgecolor="tab:red", lw=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], ls="--", color="0.35", lw=1, label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}\nECE = {100 * ece:.2f}%   acc = {100 * acc_all:.1f}%")
+        ax.grid(alpha=0.25)
+        if j == 0:
+            ax.set_ylabel("accuracy in bin")
+            ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+
+        axh = axes[1, j]
+        n = max(int(count.sum()), 1)
+        axh.bar(left, count / n, width, align="edge", color="0.6", edgecolor="black", lw=0.5)
+        mean_conf = float((conf * count).sum() / n)
+        axh.axvline(acc_all, color="C0", lw=1.5, label="accuracy")
+        axh.axvline(mean_conf, color="tab:red", lw=1.5, ls="--", label="mean confidence")
+        axh.set_xlabel("top-1 confidence")
+        axh.grid(alpha=0.25)
+        if j == 0:
+            axh.set_ylabel("fraction of\nexamples")
+            axh.legend(loc="upper left", fontsize=7, framealpha=0.9)
+    return _finish(fig, path)
+
+
+def posterior_predictive(
+    sample_probs: ArrayLike,
+    labels: ArrayLike,
+    example_indices: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    credible: float = 0.9,
+    path: str | Path | None = None,
+) -> Figure:
+    """What the posterior believes about individual examples.
+
+    One panel per example: every posterior sample's class probabilities as
+    jittered dots, their Monte-Carlo mean as a bar (the gold class in green), and
+    the central ``credible`` interval across samples as an error bar. Wide
+    intervals and scattered dots are epistemic uncertainty; a flat mean with
+    tight dots is aleatoric.
+
+    Args:
+        sample_probs: ``(S, N, C)`` class probabilities per posterior sample.
+        labels: ``(N,)`` gold classes.
+        example_indices: which of the ``N`` examples to draw.
+        class_names: ``C`` tick labels; defaults to ``0..C-1``.
+        credible: mass of the central interval, in ``(0, 1)``.
+        path: where to save the PNG, if anywhere.
+    """
+    s = _np(sample_probs, "sample_probs")
+    if s.ndim != 3 or s.size == 0:
+        raise ValueError(f"sample_probs must be a non-empty (S, N, C) array, got shape {s.shape}")
+    n_samples, n, c = s.shape
+    y = _np(labels, "labels").reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"mismatched lengths: sample_probs has N={n} examples but labels has {y.shape[0]}")
+    idx = [int(i) for i in example_indices]
+    if not idx:
+        raise ValueError("example_indices is empty; choose at least one example")
+    if any(i < 0 or i >= n for i in idx):
+        raise ValueError(f"example_indices must lie in [0, {n - 1}], got {idx}")
+    if not 0.0 < credible < 1.0:
+        raise ValueError(f"credible must lie strictly between 0 and 1, got {credible}")
+    names = [str(k) for k in range(c)] if class_names is None else [str(k) for k in class_names]
+    if len(names) != c:
+        raise ValueError(f"class_names has {len(names)} entries but there are C={c} classes")
+
+    k = len(idx)
+    panel_w = max(2.8, 0.5 * c + 1.3)
+    fig = Figure(figsize=(panel_w * min(k, 4), 3.3 * math.ceil(k / 4)), layout="constrained")
+    rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
+    x = np.arange(c)
+    dot_alpha = float(np.clip(25.0 / n_samples, 0.15, 0.8))
+    q = [(1 - credible) / 2, (1 + credible) / 2]
+    for ax, i in zip(_grid(fig, k, 4), idx):
+        ps = s[:, i, :]
+        mean = ps.mean(0)
+        lo, hi = np.quantile(ps, q, axis=0)
+        gold = int(y[i])
+        colors = ["tab:green" if cls == gold else "0.7" for cls in range(c)]
+        ax.bar(x, mean, 0.7, color=colors, edgecolor="black", lw=0.6, alpha=0.8, zorder=1)
+        jitter = rng.uniform(-0.25, 0.25, size=ps.shape)
+        ax.scatter(x[None, :] + jitter, ps, s=9, color="C0", alpha=dot_alpha, lw=0, zorder=2)
+        # Centre the bar on the interval, not the mean: the mean of a skewed
+        # sample can fall outside its own central interval.
+        ax.errorbar(x, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", ecolor="black", capsize=4, lw=1.3, zorder=3)
+        pred = int(mean.argmax())
+        verdict = "correct" if pred == gold else f"predicts {names[pred]}"
+        ax.set_title(f"example {i}: gold = {names[gold]} ({verdict})", fontsize=9)
+        long_names = max(map(len, names)) > 4
+        ax.set_xticks(x, names, rotation=30 if long_names else 0, ha="right" if long_names else "center")
+        ax.set_ylim(0, 1.03)
+        ax.set_ylabel("p(y | x, θ)")
+        ax.grid(axis="y", alpha=0.25)
+    # One shared legend outside the panels, where it cannot hide any dots.
+    fig.legend(
+        handles=[
+            Line2D([], [], ls="", marker="o", color="C0", label=f"posterior samples (S={n_samples})"),
+            Patch(facecolor="0.7", edgecolor="black", label="MC mean"),
+            Patch(facecolor="tab:green", edgecolor="black", label="MC mean, gold class"),
+            Line2D([], [], color="black", marker="_", markersize=8, label=f"central {100 * credible:g}% interval"),
+        ],
+        loc="outside lower center", ncols=4, fontsize=8, frameon=False,
+    )
+    return _finish(fig, path)
+
+
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    kernel = np.ones(window) / window
+    return np.convolve(y, kernel, mode="valid")
+
+
+def training_curves(history: Mapping[str, Sequence[float]], path: str | Path | None = None) -> Figure:
+    """One panel per logged quantity (``elbo``, ``nll``, ``kl``, ...) against ``step``.
+
+    Curves are plotted against ``history["step"]`` when present and of the same
+    length, otherwise against their record index. Long, noisy stochastic-VI
+    curves get a moving average on top of the faint raw trace.
+    """
+    keys = [key for key in history if key != "step"]
+    if not keys:
+        raise ValueError("history has no curves to plot; expected keys like 'elbo', 'nll', 'kl'")
+    steps = _np(history["step"], "history['step']").reshape(-1) if "step" in history else None
+    fig = Figure(figsize=(3.6 * min(len(keys), 3), 2.9 * math.ceil(len(keys) / 3)), layout="constrained")
+    for j, (ax, key) in enumerate(zip(_grid(fig, len(keys), 3), keys)):
+        y = _np(history[key], f"history[{key!r}]").reshape(-1)
+        aligned = steps is not None and steps.shape[0] == y.shape[0]
+        x = steps if aligned else np.arange(y.shape[0])
+        color = f"C{j % 10}"
+        if y.shape[0] > 20:
+            window = max(2, y.shape[0] // 20)
+            ax.plot(x, y, color=color, lw=0.8, alpha=0.35, label="raw")
+            ax.plot(x[window - 1:], _moving_average(y, window), color=color, lw=2, label=f"moving avg ({window})")
+            ax.legend(fontsize=7, framealpha=0.9)
+        else:
+            ax.plot(x, y, color=color, lw=1.5, marker="o", markersize=3)
+        label = _PRETTY.get(key, key)
+        ax.set(title=label, xlabel="step" if aligned else "record", ylabel=label)
+        ax.grid(alpha=0.25)
+    return _finish(fig, path)
+
+
+def uncertainty_histograms(
+    in_dist: Mapping[str, ArrayLike],
+    shifted: Mapping[str, ArrayLike],
+    path: str | Path | None = None,
+    bins: int = 30,
+) -> Figure:
+    """Overlaid histograms of uncertainty scores, in-distribution vs shifted inputs.
+
+    One panel per key present in both dicts (typically the output of
+    :func:`metrics.uncertainty_decomposition`: ``predictive_entropy`` and
+    ``mutual_information``), as densities on shared bins so unequal set sizes
+    compare fairly. The title gives the AUROC of separating the two sets by that
+    score (:func:`metrics.ood_auroc`).
+    """
+    keys = [key for key in in_dist if key in shifted]
+    if not keys:
+        raise ValueError(
+            f"in_dist and shifted share no keys (got {sorted(in_dist)} and {sorted(shifted)}); "
+            "expected e.g. 'predictive_entropy' and 'mutual_information'"
+        )
+    fig = Figure(figsize=(4.0 * min(len(keys), 3), 3.2 * math.ceil(len(keys) / 3)), layout="constrained")
+    for ax, key in zip(_grid(fig, len(keys), 3), keys):
+        a = _np(in_dist[key], f"in_dist[{key!r}]").reshape(-1)
+        b = _np(shifted[key], f"shifted[{key!r}]").reshape(-1)
+        if a.size == 0 or b.size == 0:
+            raise ValueError(f"{key!r} is empty in {'in_dist' if a.size == 0 else 'shifted'}")
+        edges = np.histogram_bin_edges(np.concatenate([a, b]), bins=bins)
+        auroc = metrics.ood_auroc(a, b)
+        for values, color, label in ((a, "C0", "in-distribution"), (b, "C3", "shifted")):
+            ax.hist(values, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=color)
+            ax.hist(values, bins=edges, density=True, histtype="step", lw=1.4, color=color,
+                    label=f"{label} (n={values.size}, mean={values.mean():.3f})")
+            ax.axvline(values.mean(), color=color, ls="--", lw=1)
+        ax.set(title=f"{_PRETTY.get(key, key)}\nAUROC(shifted vs in) = {auroc:.3f}", xlabel="nats", ylabel="density")
+        ax.legend(fontsize=7, framealpha=0.9)
+        ax.grid(alpha=0.25)
+    return _finish(fig, path)
+
+
+def risk_coverage_curve(
+    results: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    path: str | Path | None = None,
+) -> Figure:
+    """Accuracy on the most confident fraction of examples, one line per method.
+
+    A well-ranked model's curve starts high and falls slowly as coverage grows;
+    the legend gives each method's area under the risk-coverage curve (AURC,
+    lower is better), see :func:`metrics.risk_coverage`.
+    """
+    _require_results(results)
+    fig = Figure(figsize=(5.2, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for j, (name, (probs, labels)) in enumerate(results.items()):
+        rc = metrics.risk_coverage(probs, labels)
+        aurc = metrics.area_under_risk_coverage(probs, labels)
+        ax.plot(rc["coverage"].numpy(), rc["accuracy"].numpy(), color=f"C{j % 10}", lw=1.8,
+                label=f"{name} (AURC = {aurc:.3f})")
+    ax.set(xlim=(0, 1), xlabel="coverage (fraction of examples kept)", ylabel="accuracy on kept examples",
+           title="Selective prediction: accuracy vs coverage")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, framealpha=0.9)
+    return _finish(fig, path)
+
+
+def _kde(x: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Gaussian KDE with Scott's bandwidth; ``None`` when it is undefined (one value)."""
+    if x.size > 4000:  # the curve is a guide to the eye; a subsample keeps it O(grid * 4000)
+        x = np.random.default_rng(0).choice(x, 4000, replace=False)
+    std = x.std()
+    if x.size < 2 or std == 0:
+        return None
+    bw = 1.06 * std * x.size ** (-0.2)
+    z = (grid[:, None] - x[None, :]) / bw
+    return np.exp(-0.5 * z**2).sum(1) / (x.size * bw * math.sqrt(2 * math.pi))
+
+
+def posterior_marginals(
+    samples: Mapping[str, ArrayLike],
+    dims: Sequence[int] = (0, 1, 2, 3),
+    path: str | Path | None = None,
+    bins: int = 40,
+) -> Figure:
+    """Marginals of chosen coordinates of posterior samples, one panel per coordinate.
+
+    Each guide's samples (``{guide name: (S, D)}``, e.g. flattened draws of the
+    inducing weights ``U``) are drawn as a shaded density histogram on bins shared
+    across guides plus a Gaussian KDE line, so mean-field, low-rank and flow
+    guides can be compared for location, spread and skew/multimodality.
+    """
+    if not samples:
+        raise ValueError("samples is empty; pass {guide name: (S, D) samples}")
+    dims = [int(d) for d in dims]
+    if not dims:
+        raise ValueError("dims is empty; choose at least one dimension")
+    arrays = {}
+    for name, value in samples.items():
+        arr = _np(value, f"samples[{name!r}]")
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise ValueError(f"samples[{name!r}] must be a non-empty (S, D) array, got shape {arr.shape}")
+        if any(d < 0 or d >= arr.shape[1] for d in dims):
+            raise ValueError(f"dims {dims} out of range for samples[{name!r}] with D={arr.shape[1]}")
+        arrays[name] = arr
+    fig = Figure(figsize=(3.3 * min(len(dims), 4), 2.9 * math.ceil(len(dims) / 4)), layout="constrained")
+    for ax, d in zip(_grid(fig, len(dims), 4), dims):
+        column = {name: arr[:, d] for name, arr in arrays.items()}
+        edges = np.histogram_bin_edges(np.concatenate(list(column.values())), bins=bins)
+        pad = 0.1 * (edges[-1] - edges[0])
+        grid = np.linspace(edges[0] - pad, edges[-1] + pad, 256)
+        for j, (name, x) in enumerate(column.items()):
+            color = f"C{j % 10}"
+            density = _kde(x, grid)
+            if density is None:
+                # A point mass has no density; a histogram of it would dwarf the
+                # other guides' y-scale, so mark its location only.
+                ax.axvline(float(x[0]), color=color, lw=1.8, ls="--")
+                continue
+            ax.hist(x, bins=edges, density=True, histtype="stepfilled", alpha=0.25, color=color)
+            ax.plot(grid, density, color=color, lw=1.8)
+        ax.set(title=f"dimension {d}", xlabel="value", ylabel="density", xlim=(grid[0], grid[-1]))
+        ax.grid(alpha=0.25)
+    fig.legend(
+        handles=[Line2D([], [], color=f"C{j % 10}", lw=2, ls="-" if arr.shape[0] > 1 and arr.std(0).any() else "--",
+                        label=f"{name} (S={arr.shape[0]})")
+                 for j, (name, arr) in enumerate(arrays.items())],
+        loc="outside lower center", ncols=min(len(arrays), 4), fontsize=8, frameon=False,
+    )
+    return _finish(fig, path)

@@ -1,0 +1,238 @@
+"""What :func:`pyro_blora.fit` returns: the fitted posterior and its predictive."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .tasks.base import Task
+
+if TYPE_CHECKING:
+    from pyro_blora.guides import BayesianLoRAGuide
+
+    from .config import BLoRAConfig, TrainConfig
+    from .model import BayesianLoRAModel
+
+__all__ = ["FitResult", "Prediction", "TrainingState", "make_loader"]
+
+
+def make_loader(
+    data: Union[Dataset, DataLoader, Sequence[Any]], task: Task, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over ``data`` collated by ``task``; a given DataLoader is used as is."""
+    if isinstance(data, DataLoader):
+        if len(data.dataset) == 0:
+            raise ValueError("the DataLoader's dataset is empty")
+        return data
+    try:
+        size = len(data)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(f"data must be a Dataset, a DataLoader or a sequence of examples, got {type(data).__name__}") from err
+    if size == 0:
+        raise ValueError("the dataset is empty: nothing to train or evaluate on")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=task.collate, generator=generator)  # type: ignore[arg-type]
+
+
+@dataclass
+class Prediction:
+    """Posterior predictive of a classifier.
+
+    Attributes:
+        probs: ``(N, C)`` class probabilities averaged over the posterior samples.
+        sample_probs: ``(S, N, C)`` class probabilities of each posterior sample.
+        labels: ``(N,)`` gold labels when the data had them.
+    """
+
+    probs: Tensor
+    sample_probs: Tensor
+    labels: Optional[Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_probs.shape[0]
+
+
+@dataclass
+class TrainingState:
+    """Progress of a :func:`fit` run, handed to callbacks after every step."""
+
+    result: "FitResult"
+    step: int
+    total_steps: int
+    stop: bool = False
+    history: dict[str, list[float]] = field(default_factory=lambda: {
+        "step": [], "loss": [], "elbo": [], "nll": [], "kl": [], "beta": [], "lr": []
+    })
+    validation: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, loss: float, nll: float, num_data: int, beta: float, lr: float) -> None:
+        """Split the loss ``N * nll + beta * KL`` into its parts and log the unweighted ELBO."""
+        self.step += 1
+        kl = (loss - num_data * nll) / beta if beta > 0 else float("nan")
+        for key, value in (("step", self.step), ("loss", loss), ("nll", nll), ("kl", kl), ("beta", beta), ("lr", lr)):
+            self.history[key].append(float(value))
+        self.history["elbo"].append(-(num_data * nll + kl))
+        self.result.history = self.history
+
+    def record_validation(self, metrics: dict[str, float]) -> None:
+        self.validation.append({"step": self.step, **metrics})
+        self.result.validation = self.validation
+
+    def postfix(self) -> dict[str, str]:
+        h = self.history
+        return {"elbo": f"{h['elbo'][-1]:.4g}", "nll": f"{h['nll'][-1]:.3f}", "kl": f"{h['kl'][-1]:.4g}"}
+
+
+class FitResult:
+    """A fitted Bayesian-LoRA posterior: the model, its guide and their settings."""
+
+    def __init__(
+        self,
+        model: "BayesianLoRAModel",
+        guide: "BayesianLoRAGuide",
+        config: "BLoRAConfig",
+        train_config: "TrainConfig",
+        task: Task,
+    ):
+        self.model = model
+        self.guide = guide
+        self.config = config
+        self.train_config = train_config
+        self.task = task
+        self.history: dict[str, list[float]] = {}
+        self.validation: list[dict[str, float]] = []
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
+
+    @property
+    def is_deterministic(self) -> bool:
+        """True for a MAP (``delta``) guide: every posterior sample is the same."""
+        from pyro_blora.guides import DeltaGuide
+
+        return all(isinstance(family, DeltaGuide) for family in self.guide.sites.values())
+
+    @torch.no_grad()
+    def sample_weights(self, num_samples: int) -> dict[str, Tensor]:
+        """``num_samples`` joint draws of every Bayesian factor, stacked: site ``*.W`` -> ``(S, rows, cols)``."""
+        draws = [self.guide() for _ in range(num_samples)]
+        return {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
+
+    def use_posterior_mean(self) -> None:
+        """Fix every Bayesian layer at ``E_q[W]`` so the network runs without Pyro (``generate``, serving)."""
+        self.model.set_adapter_weights(self.guide.mean_weights())
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            yield
+        finally:
+            self.net.train(was_training)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        data: Union[Dataset, DataLoader, Sequence[Any]],
+        num_samples: int = 4,
+        batch_size: int = 8,
+        stack_samples: bool = True,
+        seed: Optional[int] = None,
+    ) -> Prediction:
+        """Posterior predictive: average the class probabilities of ``num_samples`` posterior draws.
+
+        The same ``num_samples`` joint weight draws are used for every example.
+        With ``stack_samples`` the draws share one forward per batch (the batch is
+        repeated ``S`` times); otherwise one forward per draw, for less memory.
+        A MAP guide has one draw whatever ``num_samples`` says.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        samples = 1 if self.is_deterministic else num_samples
+        weights = self.sample_weights(samples)
+        loader = make_loader(data, self.task, batch_size, shuffle=False)
+        all_probs, all_labels = [], []
+        with self._eval_mode():
+            for batch in loader:
+                if stack_samples:
+                    self.model.set_adapter_weights(weights)
+                    logits = self.task.class_logits(self.net, _repeat_batch(batch, samples))
+                    logits = logits.reshape(samples, -1, logits.shape[-1])
+                else:
+                    per_sample = []
+                    for s in range(samples):
+                        self.model.set_adapter_weights({k: v[s] for k, v in weights.items()})
+                        per_sample.append(self.task.class_logits(self.net, batch))
+                    logits = torch.stack(per_sample)
+                all_probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+                if "labels" in batch:
+                    all_labels.append(torch.as_tensor(batch["labels"]).cpu())
+        sample_probs = torch.cat(all_probs, dim=1)
+        labels = torch.cat(all_labels) if all_labels else None
+        return Prediction(sample_probs.mean(0), sample_probs, labels)
+
+    def evaluate(
+        self,
+        data: Union[Dataset, DataLoader, Sequence[Any]],
+        num_samples: int = 4,
+        n_bins: int = 15,
+        batch_size: int = 8,
+    ) -> dict[str, float]:
+        """Metrics of the posterior predictive on labelled ``data`` (a JSON-ready dict)."""
+        from .metrics import classification_metrics
+
+        prediction = self.predict(data, num_samples=num_samples, batch_size=batch_size)
+        if prediction.labels is None:
+            raise ValueError("evaluate needs labelled data: the batches carry no 'labels'")
+        metrics = classification_metrics(
+            prediction.probs, prediction.labels, n_bins=n_bins, sample_probs=prediction.sample_probs
+        )
+        metrics["num_samples"] = prediction.num_samples
+        metrics["num_examples"] = int(prediction.labels.numel())
+        return metrics
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Every learned tensor: adapter parameters (``net.*``) and guide state (``guide.*``)."""
+        state = {}
+        for layer in self.model.layers:
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base."):
+                    state[f"net.{layer.layer_name}.{key}"] = value
+        for key, value in self.guide.state_dict().items():
+            state[f"guide.{key}"] = value
+        return state
+
+    def state_dict_copy(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.trainable_state().items()}
+
+    def load_state_dict_copy(self, state: dict[str, Tensor]) -> None:
+        current = self.trainable_state()
+        with torch.no_grad():
+            for key, value in state.items():
+                current[key].copy_(value)
+
+    def save(self, path: str) -> None:
+        """Write the adapters and guide as safetensors plus a JSON config (see :mod:`pyro_blora.io`)."""
+        from .io import save
+
+        save(self, path)
+
+
+def _repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    """Stack ``times`` copies of every tensor along the batch dimension (sample-major)."""
+    if times == 1:
+        return batch
+    return {
+        k: v.repeat(times, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim() > 0 else v
+        for k, v in batch.items()
+    }
