@@ -34,6 +34,7 @@ class InducingSite:
     name: str
     dim: int
     factor_shape: tuple[int, int]
+    inducing_shape: tuple[int, int]
     lambda_init: float = 1e-3
     lambda_max: float = 0.03
     dtype: torch.dtype = torch.float32

@@ -11,8 +11,11 @@ callable ``factory(dim) -> TransformModule``; ``pi`` reverses the coordinates
 between layers so autoregressive and coupling transforms see every ordering.
 
 Bayesian-LoRA uses one masked affine autoregressive transform (16 hidden units)
-and a base with ``sigma`` initialised at 1e-3, capped at 0.1. Here the flow acts
-on the whole flattened ``m_r * m_c`` inducing value rather than row by row.
+applied to each row of ``U_w`` (``m_c`` features, rows as a batch) and a base
+with ``sigma`` initialised at 1e-3, capped at 0.1; that is the default here
+(``rowwise=True``). ``rowwise=False`` lets the flow couple all ``m_r * m_c``
+entries, at the price of wider networks (hidden sizes must be at least the
+input size for autoregressive transforms).
 ``TraceMeanField_ELBO`` has no analytic KL for a flow, so the ``U`` sites use a
 one-sample Monte Carlo estimate; samples are scored through the transforms'
 caches, so non-invertible-in-closed-form flows (neural autoregressive) work.
@@ -20,7 +23,7 @@ caches, so non-invertible-in-closed-form flows (neural autoregressive) work.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import pyro.distributions.transforms as T
 import torch
@@ -28,6 +31,7 @@ from pyro.distributions import Normal, TransformedDistribution
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Distribution
+from torch.distributions.transforms import ReshapeTransform
 
 from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, randn_loc
 
@@ -67,7 +71,10 @@ class FlowGuide(InducingGuide):
         site: the site to approximate.
         transforms: transform names or factories, first applied first (default:
             one affine autoregressive transform, as Bayesian-LoRA's MAF).
-        hidden_dims: hidden sizes of the transforms' networks.
+        hidden_dims: hidden sizes of the transforms' networks (default: one
+            layer of ``max(16, input size)`` units).
+        rowwise: apply the flow to each row of ``U_w`` (``m_c`` features), as the
+            paper does, or to the whole flattened matrix.
         scale_init, scale_max: initial value and cap of the base's ``sigma``.
     """
 
@@ -75,7 +82,8 @@ class FlowGuide(InducingGuide):
         self,
         site: InducingSite,
         transforms: Sequence[TransformSpec] = ("affine_autoregressive",),
-        hidden_dims: Sequence[int] = (16,),
+        hidden_dims: Optional[Sequence[int]] = None,
+        rowwise: bool = True,
         scale_init: float = 1e-3,
         scale_max: float = 0.1,
     ):
@@ -85,15 +93,25 @@ class FlowGuide(InducingGuide):
             transforms = [transforms]
         if len(transforms) == 0:
             raise ValueError("a flow guide needs at least one transform; use guide='normal' for a plain Gaussian")
-        if not all(isinstance(h, int) and h >= 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be positive integers, got {list(hidden_dims)}")
+        self.rowwise = rowwise
+        self.event_shape = tuple(site.inducing_shape) if rowwise else (site.dim,)
+        width = self.event_shape[-1]
+        hidden = [max(16, width)] if hidden_dims is None else list(hidden_dims)
+        if not all(isinstance(h, int) and h >= 1 for h in hidden):
+            raise ValueError(f"hidden_dims must be positive integers, got {hidden}")
+        autoregressive = any(isinstance(t, str) and t.endswith("autoregressive") for t in transforms)
+        if autoregressive and min(hidden) < width:
+            raise ValueError(
+                f"autoregressive flows need hidden_dims >= their input size {width} "
+                f"({'a row of U' if rowwise else 'the flattened U'}), got {hidden}"
+            )
         self.scale_max = scale_max
         self.loc = randn_loc(site)
         self.scale_rho = bounded_param(scale_init, scale_max, site, (site.dim,))
-        self.transforms = nn.ModuleList(
-            [_make_transform(spec, site.dim, list(hidden_dims)) for spec in transforms]
-        ).to(device=site.device, dtype=site.dtype)
-        self.register_buffer("reversal", torch.arange(site.dim - 1, -1, -1, device=site.device), persistent=False)
+        self.transforms = nn.ModuleList([_make_transform(spec, width, hidden) for spec in transforms]).to(
+            device=site.device, dtype=site.dtype
+        )
+        self.register_buffer("reversal", torch.arange(width - 1, -1, -1, device=site.device), persistent=False)
 
     def _chain(self) -> list:
         chain = []
@@ -104,5 +122,13 @@ class FlowGuide(InducingGuide):
         return chain
 
     def distribution(self) -> Distribution:
-        base = Normal(self.loc, bounded_value(self.scale_rho, self.scale_max)).to_event(1)
-        return TransformedDistribution(base, self._chain())
+        shape = self.event_shape
+        loc = self.loc.reshape(shape)
+        scale = bounded_value(self.scale_rho, self.scale_max).reshape(shape)
+        base = Normal(loc, scale).to_event(len(shape))
+        chain = self._chain()
+        if self.rowwise:
+            # cache_size=1: scoring a draw must hand the flow back its own output tensor,
+            # or transforms without a closed-form inverse (planar, radial, NAF) cannot score it.
+            chain.append(ReshapeTransform(torch.Size(shape), torch.Size([self.site.dim]), cache_size=1))
+        return TransformedDistribution(base, chain)

@@ -89,7 +89,14 @@ class BayesianLoRAGuide(nn.Module):
         for factor in factors:
             param = factor.prior.z_rows
             site = InducingSite(
-                factor.site_name, factor.site_dim, tuple(factor.shape), lambda_init, lambda_max, param.dtype, param.device
+                factor.site_name,
+                factor.site_dim,
+                tuple(factor.shape),
+                tuple(factor.prior.inducing_shape),
+                lambda_init,
+                lambda_max,
+                param.dtype,
+                param.device,
             )
             self.sites[_key(factor.site_name)] = build(site)
         # A plain list: the factors' parameters belong to the model, not to the guide.

@@ -1,0 +1,251 @@
+"""One task, several guides, one table: the pipeline behind ``pyro-blora fit | compare``.
+
+:func:`compare` loads a model and a task, caches the frozen bottom blocks once
+(when only the top blocks are adapted), fits every method with the same seed
+and settings, evaluates each on the validation and test splits, and writes
+
+* ``<output>/<method>/``: the adapter (safetensors + JSON), ``metrics.json``,
+  ``history.json`` and ``predictions.safetensors`` (per-sample test probabilities);
+* ``<output>/summary.json`` and ``summary.md``: the table;
+* the plots of :mod:`pyro_blora.report`.
+
+Model selection never reads the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .config import BLoRAConfig
+from .fit import fit
+from .inject import remove_adapters
+from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
+from .tasks.cached import CachedPrefixTask, split_decoder
+
+__all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
+
+DRUG_REVIEW_TEMPLATE = "Drug review: {text}\nIs the review positive, negative or neutral? Answer:"
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of a ``compare`` run; each field is also a CLI option and a config-file key."""
+
+    model: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded default), a local folder or a hub id."})
+    task: str = field(
+        default="drug_reviews",
+        metadata={"help": "drug_reviews | drug_reviews_binary | arc_easy | arc_challenge | openbookqa | boolq | winogrande_s | winogrande_m"},
+    )
+    scoring: str = field(default="answer_token", metadata={"help": "answer_token (answer words) | choice_likelihood (lm-eval-harness acc)."})
+    methods: list[str] = field(default_factory=lambda: ["delta", "flow"], metadata={"help": "Guides to fit: flow, normal, mvn, delta."})
+    prior: str = field(default="gp", metadata={"help": "Prior over U: gp | normal."})
+    flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    prior_sd: float = field(default=0.1, metadata={"help": "Prior sd numerator of the factors."})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"], metadata={"help": "Modules to adapt."})
+    bayesian_modules: Optional[list[str]] = field(default_factory=lambda: ["q_proj", "lm_head"], metadata={"help": "Bayesian subset (None: all)."})
+    trainable_layers: Optional[int] = field(default=4, metadata={"help": "Adapt only the top k blocks and cache the rest (None: all blocks)."})
+    max_length: int = field(default=96, metadata={"help": "Prompt tokens at most (longer reviews lose their start)."})
+    train_size: Optional[int] = field(default=None, metadata={"help": "Subsample the training split to this many examples."})
+    validation_size: Optional[int] = field(default=None, metadata={"help": "Subsample the validation split."})
+    test_size: Optional[int] = field(default=None, metadata={"help": "Subsample the test split."})
+    epochs: int = field(default=5, metadata={"help": "Training epochs (ignored when num_steps is set)."})
+    num_steps: Optional[int] = field(default=None, metadata={"help": "Optimiser steps."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per step."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    kl_weight: float = field(default=1.0, metadata={"help": "KL weight beta (1 = proper ELBO)."})
+    num_samples: int = field(default=4, metadata={"help": "Posterior samples per prediction."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the benchmark JSONL files (default ../shared/data)."})
+    output: str = field(default="runs/compare", metadata={"help": "Output folder."})
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("answer_token", "choice_likelihood"):
+            raise ValueError(f"scoring must be answer_token or choice_likelihood, got {self.scoring!r}")
+        if not self.methods:
+            raise ValueError("methods is empty: name at least one guide (flow, normal, mvn, delta)")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class Prepared:
+    """Model, task and data ready for :func:`fit`: possibly the top part of a split decoder."""
+
+    net: torch.nn.Module
+    task: Any
+    splits: DatasetSplits
+    train: list
+    validation: list
+    test: list
+    shifted: list
+
+
+def _load_splits(cfg: ExperimentConfig) -> DatasetSplits:
+    if cfg.task in ("drug_reviews", "drug_reviews_binary"):
+        splits = load_drug_reviews(binary=cfg.task.endswith("binary"), seed=cfg.seed)
+    else:
+        splits = load_benchmark(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
+    return subsample(splits, train=cfg.train_size, validation=cfg.validation_size, test=cfg.test_size, seed=cfg.seed)
+
+
+def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
+    if cfg.scoring == "choice_likelihood":
+        if splits.kind != "multiple_choice":
+            raise ValueError(f"choice_likelihood scoring needs a multiple-choice task; {cfg.task} is {splits.kind}")
+        return ChoiceLikelihoodTask(tokenizer, max_length=cfg.max_length)
+    if splits.kind == "classification":
+        words = [" " + name for name in splits.class_names]
+        return AnswerTokenTask(tokenizer, words, template=DRUG_REVIEW_TEMPLATE, max_length=cfg.max_length)
+    letters = [" " + chr(ord("A") + i) for i in range(splits.num_classes)]
+    return AnswerTokenTask(tokenizer, letters, max_length=cfg.max_length)
+
+
+def _shift(examples: list, seed: int) -> list:
+    """A synthetic covariate shift: the same reviews with their words shuffled."""
+    rng = random.Random(seed)
+    out = []
+    for example in examples:
+        if "text" not in example:
+            return []
+        words = example["text"].split()
+        rng.shuffle(words)
+        out.append({**example, "text": " ".join(words)})
+    return out
+
+
+def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Prepared:
+    """Load the model and data, build the task, and cache the frozen bottom blocks when asked."""
+    from .zoo import load_model
+
+    splits = _load_splits(cfg)
+    log(f"data: {splits.name}, {splits.describe() if hasattr(splits, 'describe') else ''}")
+    model, tokenizer = load_model(cfg.model, "causal_lm")
+    model.eval()
+    task = _answer_task(cfg, splits, tokenizer)
+    shifted = _shift(splits.test, cfg.seed)
+    if cfg.trainable_layers is None or not isinstance(task, AnswerTokenTask):
+        return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
+    bottom, top = split_decoder(model, cfg.trainable_layers)
+    cached = CachedPrefixTask(task, bottom)
+    parts = [cached.cache(list(part), desc=f"caching {name}") for name, part in (
+        ("train", splits.train), ("validation", splits.validation), ("test", splits.test), ("shifted", shifted)
+    )]
+    return Prepared(top, cached, splits, *parts)
+
+
+def _blora_config(cfg: ExperimentConfig) -> BLoRAConfig:
+    return BLoRAConfig(
+        target_modules=list(cfg.target_modules),
+        bayesian_modules=None if cfg.bayesian_modules is None else list(cfg.bayesian_modules),
+        r=cfg.r,
+        alpha=cfg.alpha,
+        prior=cfg.prior,
+        prior_sd=cfg.prior_sd,
+    )
+
+
+def _guide_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
+    return {"transforms": list(cfg.flow)} if method == "flow" else {}
+
+
+def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path) -> dict[str, Any]:
+    """Fit one method, evaluate it on validation and test, and write its folder."""
+    start = time.perf_counter()
+    result = fit(
+        prepared.net,
+        prepared.train,
+        guide=method,
+        task=prepared.task,
+        config=_blora_config(cfg),
+        guide_options=_guide_options(cfg, method),
+        epochs=cfg.epochs,
+        num_steps=cfg.num_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        kl_weight=cfg.kl_weight,
+        seed=cfg.seed,
+    )
+    train_seconds = time.perf_counter() - start
+    folder = out / method
+    result.save(folder)
+    validation = result.evaluate(prepared.validation, num_samples=cfg.num_samples)
+    prediction = result.predict(prepared.test, num_samples=cfg.num_samples, seed=cfg.seed)
+    from .metrics import classification_metrics
+
+    test = classification_metrics(prediction.probs, prediction.labels, sample_probs=prediction.sample_probs)
+    test["num_samples"] = prediction.num_samples
+    tensors = {"test_sample_probs": prediction.sample_probs.contiguous(), "test_labels": prediction.labels.contiguous()}
+    if prepared.shifted:
+        shifted = result.predict(prepared.shifted, num_samples=cfg.num_samples, seed=cfg.seed)
+        tensors["shifted_sample_probs"] = shifted.sample_probs.contiguous()
+    tensors.update({f"q_u.{k}": v.contiguous() for k, v in list(result.guide.sample_inducing(200).items())[:1]})
+    save_file(tensors, str(folder / "predictions.safetensors"))
+    metrics = {"method": method, "train_seconds": train_seconds, "validation": validation, "test": test}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "history.json").write_text(json.dumps(result.history))
+    remove_adapters(prepared.net)
+    return metrics
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of test ACC, ECE, NLL, Brier (and validation ECE) per method."""
+    lines = [
+        "| method | test ACC | test ECE | test NLL | test Brier | val ACC | val ECE | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t, v = row["test"], row["validation"]
+        lines.append(
+            f"| {row['method']} | {t['acc']:.3f} | {t['ece']:.3f} | {t['nll']:.3f} | {t['brier']:.3f} "
+            f"| {v['acc']:.3f} | {v['ece']:.3f} | {row['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Fit every method of ``cfg`` on its task and write the table and plots."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write-test"
+    probe.write_text("ok")  # fail now, not after training, if the folder is not writable
+    probe.unlink()
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    prepared = prepare(cfg, log)
+    log(f"prepared in {time.perf_counter() - start:.0f} s")
+    rows = [run_method(cfg, prepared, method, out) for method in cfg.methods]
+    table = format_table(rows)
+    total = time.perf_counter() - start
+    summary = {"config": dataclasses.asdict(cfg), "results": rows, "total_seconds": total}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(table + "\n")
+    from .report import write_plots
+
+    write_plots(out, class_names=prepared.splits.class_names)
+    log(table)
+    log(f"total {total:.0f} s; results and plots in {out}")
+    return rows
+
+
+def evaluate_adapter(cfg: ExperimentConfig, adapter: str | Path) -> dict[str, Any]:
+    """Metrics of a saved adapter on ``cfg``'s task: validation and test splits."""
+    from .io import load
+
+    prepared = prepare(cfg)
+    result = load(adapter, prepared.net, task=prepared.task)
+    return {
+        "adapter": str(adapter),
+        "validation": result.evaluate(prepared.validation, num_samples=cfg.num_samples),
+        "test": result.evaluate(prepared.test, num_samples=cfg.num_samples),
+    }
