@@ -9,7 +9,7 @@
 from .conditional import InducingConditional
 from .geometry import CholeskyError, InducingGeometry, robust_cholesky
 from .layer import BayesianLoRALinear, InducingFactor, linear_shape
-from .priors import PRIORS, GPPrior, InducingPrior, NormalPrior, build_prior
+from .priors import PRIORS, GPPrior, InducingPrior, NormalPrior, build_prior, shared_geometry
 
 __all__ = [
     "PRIORS",
@@ -24,4 +24,5 @@ __all__ = [
     "build_prior",
     "linear_shape",
     "robust_cholesky",
+    "shared_geometry",
 ]

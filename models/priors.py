@@ -26,8 +26,10 @@ parameters), override the two methods, and pass the class, or any callable
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import torch
 from pyro.distributions import MultivariateNormal
@@ -39,7 +41,25 @@ from .geometry import InducingGeometry
 if TYPE_CHECKING:
     from pyro_blora.config import BLoRAConfig
 
-__all__ = ["InducingPrior", "GPPrior", "NormalPrior", "PRIORS", "PriorSpec", "build_prior"]
+__all__ = ["InducingPrior", "GPPrior", "NormalPrior", "PRIORS", "PriorSpec", "build_prior", "shared_geometry"]
+
+_GEOMETRY_CACHE: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("pyro_blora_geometry", default=None)
+
+
+@contextlib.contextmanager
+def shared_geometry() -> Iterator[None]:
+    """Within this block each prior computes its kernel geometry once.
+
+    The guide and the model of one ELBO evaluation both need every factor's
+    Cholesky factors and projections; sharing them halves that work and keeps
+    one autograd graph. Open one block per evaluation (``fit`` does, per step):
+    parameters must not change inside it.
+    """
+    token = _GEOMETRY_CACHE.set({})
+    try:
+        yield
+    finally:
+        _GEOMETRY_CACHE.reset(token)
 
 
 class InducingPrior(nn.Module):
@@ -71,10 +91,17 @@ class InducingPrior(nn.Module):
         return m_r * m_c
 
     def geometry(self) -> InducingGeometry:
-        """Fresh kernel quantities from the current parameters."""
-        return InducingGeometry(
+        """Kernel quantities from the current parameters (shared inside :func:`shared_geometry`)."""
+        cache = _GEOMETRY_CACHE.get()
+        key = (id(self), torch.is_grad_enabled())
+        if cache is not None and key in cache:
+            return cache[key]
+        geometry = InducingGeometry(
             self.z_rows, self.z_cols, self.log_d_rows.exp(), self.log_d_cols.exp(), self.jitter, self.factor_name
         )
+        if cache is not None:
+            cache[key] = geometry
+        return geometry
 
     def site_distribution(self, geometry: InducingGeometry) -> Distribution:
         """Distribution of the ``U`` site's value, event shape ``(m_r * m_c,)``."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pyro_blora.guides import BayesianLoRAGuide
 from pyro_blora.guides.network import GuideSpec
+from pyro_blora.models.priors import shared_geometry
 
 from .config import BLoRAConfig, TrainConfig, config_from_dict
 from .inject import adapted_layers, inject_adapters
@@ -154,7 +155,8 @@ def fit(
                     break
                 kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
                 optimizer.zero_grad(set_to_none=True)
-                loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
+                with shared_geometry():
+                    loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {float(loss)} at step {state.step}; lower lr, raise jitter, "

@@ -122,7 +122,10 @@ class FitResult:
     @torch.no_grad()
     def sample_weights(self, num_samples: int) -> dict[str, Tensor]:
         """``num_samples`` joint draws of every Bayesian factor, stacked: site ``*.W`` -> ``(S, rows, cols)``."""
-        draws = [self.guide() for _ in range(num_samples)]
+        from pyro_blora.models.priors import shared_geometry
+
+        with shared_geometry():
+            draws = [self.guide() for _ in range(num_samples)]
         return {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
 
     def use_posterior_mean(self) -> None:
