@@ -99,7 +99,12 @@ class FlowGuide(InducingGuide):
         hidden = [max(16, width)] if hidden_dims is None else list(hidden_dims)
         if not all(isinstance(h, int) and h >= 1 for h in hidden):
             raise ValueError(f"hidden_dims must be positive integers, got {hidden}")
-        autoregressive = any(isinstance(t, str) and t.endswith("autoregressive") for t in transforms)
+        autoregressive = any(isinstance(t, str) and t.endswith(("autoregressive", "coupling")) for t in transforms)
+        if autoregressive and width < 2:
+            raise ValueError(
+                f"autoregressive and coupling flows need at least 2 features, but {'a row of U' if rowwise else 'U'} "
+                f"has {width}; use rowwise=False, more inducing columns, or guide='normal'"
+            )
         if autoregressive and min(hidden) < width:
             raise ValueError(
                 f"autoregressive flows need hidden_dims >= their input size {width} "

@@ -29,8 +29,9 @@ def _add_experiment_options(parser: argparse.ArgumentParser, exclude: Sequence[s
             continue
         flag = "--" + spec.name.replace("_", "-")
         hint = hints[spec.name]
-        args = typing.get_args(hint)
-        inner = next((a for a in args if a is not type(None)), hint)
+        inner = hint
+        if typing.get_origin(hint) is typing.Union:  # Optional[X] -> X
+            inner = next(a for a in typing.get_args(hint) if a is not type(None))
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": spec.metadata.get("help", "")}
         if typing.get_origin(inner) is list:
             kwargs["nargs"] = "+"

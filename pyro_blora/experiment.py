@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_be
 from .tasks.cached import CachedPrefixTask, split_decoder
 
 __all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
 
 DRUG_REVIEW_TEMPLATE = "Drug review: {text}\nIs the review positive, negative or neutral? Answer:"
 
@@ -72,8 +77,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.scoring not in ("answer_token", "choice_likelihood"):
             raise ValueError(f"scoring must be answer_token or choice_likelihood, got {self.scoring!r}")
+        from pyro_blora.guides import GUIDES
+
         if not self.methods:
             raise ValueError("methods is empty: name at least one guide (flow, normal, mvn, delta)")
+        unknown = [m for m in self.methods if m not in GUIDES]
+        if unknown:  # also keeps output folders (<output>/<method>) inside the output
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(GUIDES)}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
 
@@ -111,11 +121,11 @@ def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
     return AnswerTokenTask(tokenizer, letters, max_length=cfg.max_length)
 
 
-def _shift(examples: list, seed: int) -> list:
-    """A synthetic covariate shift: the same reviews with their words shuffled."""
+def _shift(examples: list, seed: int, size: int = 100) -> list:
+    """A synthetic covariate shift: ``size`` test reviews with their words shuffled."""
     rng = random.Random(seed)
     out = []
-    for example in examples:
+    for example in examples[:size]:
         if "text" not in example:
             return []
         words = example["text"].split()
@@ -124,7 +134,7 @@ def _shift(examples: list, seed: int) -> list:
     return out
 
 
-def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Prepared:
+def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepared:
     """Load the model and data, build the task, and cache the frozen bottom blocks when asked."""
     from .zoo import load_model
 
@@ -213,7 +223,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def compare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
     """Fit every method of ``cfg`` on its task and write the table and plots."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +243,7 @@ def compare(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> list[d
     from .report import write_plots
 
     write_plots(out, class_names=prepared.splits.class_names)
-    log(table)
+    print(table)
     log(f"total {total:.0f} s; results and plots in {out}")
     return rows
 

@@ -76,6 +76,21 @@ def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
+def _non_finite_report(loss: float, step: int, model: nn.Module, guide: nn.Module) -> str:
+    """Name where a non-finite loss came from: a diverged parameter, else the data or the likelihood."""
+    bad = [
+        f"{prefix}{name}"
+        for prefix, module in (("", model), ("guide.", guide))
+        for name, param in module.named_parameters()
+        if param.requires_grad and not torch.isfinite(param).all()
+    ]
+    where = f"non-finite parameters: {bad[:5]}" if bad else "all parameters are finite, so the inputs or logits are"
+    return (
+        f"the loss became {loss} at step {step} ({where}); training stopped and the parameters of the last "
+        "finished step are kept: lower lr, raise BLoRAConfig.jitter, or check the inputs for NaN"
+    )
+
+
 def fit(
     model: nn.Module,
     data: Union[Dataset, DataLoader, Sequence[Any]],
@@ -114,6 +129,15 @@ def fit(
     train = config_from_dict(TrainConfig, options)
     if isinstance(config, dict):
         config = config_from_dict(BLoRAConfig, config)
+    existing = adapted_layers(model)
+    if existing:
+        # adapters already in place (e.g. from load()): record the settings they were built with
+        if config is not None and config != existing[0].config:
+            raise ValueError(
+                "the model already carries adapters built with another BLoRAConfig; "
+                "pass config=None to keep them, or call remove_adapters first"
+            )
+        config = existing[0].config
     config = config or BLoRAConfig()
     task = task or TensorTask()
     torch.manual_seed(train.seed)
@@ -124,7 +148,7 @@ def fit(
     steps_per_epoch = len(loader)
     total = train.num_steps or train.epochs * steps_per_epoch
 
-    if not adapted_layers(model):
+    if not existing:
         inject_adapters(model, config)
     bayes_model = BayesianLoRAModel(model, task, num_data)
     if isinstance(guide, BayesianLoRAGuide):
@@ -159,7 +183,7 @@ def fit(
                     loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"the loss became {float(loss)} at step {state.step}; lower lr, raise jitter, "
+                        f"the loss became {float(loss.detach())} at step {state.step}; lower lr, raise jitter, "
                         "or check the inputs for NaN"
                     )
                 loss.backward()
@@ -167,7 +191,7 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                state.record(float(loss), bayes_model.last_nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
+                state.record(float(loss.detach()), bayes_model.last_nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
                 bar.update(1)
                 bar.set_postfix(state.postfix(), refresh=False)
                 if val_data is not None and train.eval_every and state.step % train.eval_every == 0:
