@@ -102,6 +102,7 @@ class BayesianLoRALinear(nn.Module):
         for param in base.parameters():
             param.requires_grad_(False)
         self.layer_name = name
+        self.config = config  # what fit() records for a network that already carries adapters
         self.r = config.r
         self.scaling = config.alpha / config.r
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

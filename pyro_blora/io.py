@@ -31,7 +31,7 @@ from pyro_blora.guides import BayesianLoRAGuide
 from pyro_blora.guides.network import GuideSpec
 
 from .config import BLoRAConfig, TrainConfig, config_from_dict
-from .inject import adapted_layers, inject_adapters
+from .inject import adapted_layers, inject_adapters, remove_adapters
 from .model import BayesianLoRAModel
 from .result import FitResult
 from .tasks.base import Task, TensorTask
@@ -146,33 +146,41 @@ def load(
         raise ValueError(f"the adapter used a custom prior {config.prior!r}; pass BLoRAConfig.prior to inject it yourself")
     if adapted_layers(model):
         raise ValueError("load() needs a base model without adapters; it injects them itself")
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
     inject_adapters(model, config)
-    if check_base:
-        _check_base(meta, model)
-    task = task or TensorTask(meta.get("num_classes"))
-    bayes_model = BayesianLoRAModel(model, task, meta["num_data"])
-    spec = meta["guide"]
-    family = guide if guide is not None else spec["family"]
-    from pyro_blora.guides import GUIDES
+    try:
+        if check_base:
+            _check_base(meta, model)
+        task = task or TensorTask(meta.get("num_classes"))
+        bayes_model = BayesianLoRAModel(model, task, meta["num_data"])
+        spec = meta["guide"]
+        family = guide if guide is not None else spec["family"]
+        from pyro_blora.guides import GUIDES
 
-    if isinstance(family, str) and family not in GUIDES:
-        raise ValueError(f"the adapter was trained with a custom guide {family!r}; pass guide= with its class or factory")
-    bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
-    result = FitResult(bayes_model, bayes_guide, config, config_from_dict(TrainConfig, meta["train_config"]), task)
-    current = result.trainable_state()
-    missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-    if missing or unexpected:
-        raise ValueError(
-            f"{file} does not match this model and guide: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if current[key].shape != value.shape:
-                raise ValueError(
-                    f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)}; "
-                    "the adapter was trained on a different base model"
-                )
-            current[key].copy_(value)
+        if isinstance(family, str) and family not in GUIDES:
+            raise ValueError(f"the adapter was trained with a custom guide {family!r}; pass guide= with its class or factory")
+        bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
+        result = FitResult(bayes_model, bayes_guide, config, config_from_dict(TrainConfig, meta["train_config"]), task)
+        current = result.trainable_state()
+        missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+        if missing or unexpected:
+            raise ValueError(
+                f"{file} does not match this model and guide: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if current[key].shape != value.shape:
+                    raise ValueError(
+                        f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)}; "
+                        "the adapter was trained on a different base model"
+                    )
+                current[key].copy_(value)
+    except BaseException:
+        # leave the caller's model as it was, so that load() can be retried (e.g. with check_base=False)
+        remove_adapters(model)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise
     model.eval()
     return result
 
