@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_options(compare)
     fit.add_argument("--guide", default="flow", help="the guide to fit: flow | normal | mvn | delta")
     _add_experiment_options(fit, exclude=("methods",))
-    evaluate.add_argument("--adapter", type=Path, required=True, help="folder written by fit/compare (<output>/<method>)")
+    evaluate.add_argument(
+        "--adapter", type=Path, help="folder written by fit/compare (<output>/<method>); omit it to score the base model zero-shot"
+    )
+    evaluate.add_argument("--split", default="validation", choices=["train", "validation", "test"], help="zero-shot: the split to score")
     _add_experiment_options(evaluate, exclude=("methods", "output"))
     plot.add_argument("--output", type=Path, required=True, help="the run folder to plot")
     return parser
@@ -114,9 +117,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = experiment_config(args, methods=[args.guide])
             compare(cfg)
             return 0
-        from .experiment import evaluate_adapter
+        from .experiment import evaluate_adapter, evaluate_zero_shot
 
-        print(json.dumps(evaluate_adapter(experiment_config(args), args.adapter), indent=2))
+        cfg = experiment_config(args)
+        if args.adapter is None:
+            print(json.dumps(evaluate_zero_shot(cfg, args.split), indent=2))
+        else:
+            print(json.dumps(evaluate_adapter(cfg, args.adapter), indent=2))
         return 0
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"pyro-blora: error: {err}", file=sys.stderr)

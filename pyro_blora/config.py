@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -118,6 +119,14 @@ class TrainConfig:
     )
     seed: int = _help("Seed for torch, Pyro and the data order.", 0)
     progress: bool = _help("Show a progress bar with ELBO, NLL and KL.", True)
+    checkpoint_every: Optional[int] = _help(
+        "Write a resumable checkpoint into checkpoint_dir every this many steps (None: only on Ctrl-C).", None
+    )
+    checkpoint_dir: Optional[str] = _help(
+        "Folder for checkpoints (safetensors + JSON; resume with fit(..., resume_from=folder)). "
+        "None: no checkpoints.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_steps is None or self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps!r}")
@@ -129,9 +138,29 @@ class TrainConfig:
             self.schedule in ("constant", "linear", "cosine"),
             f"schedule must be one of constant, linear, cosine; got {self.schedule!r}",
         )
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            f"max_grad_norm must be positive or None (no clipping), got {self.max_grad_norm!r}",
+        )
+        _check(self.eval_every is None or self.eval_every >= 1, f"eval_every must be >= 1 or None, got {self.eval_every!r}")
+        _check(
+            self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+            f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience!r}",
+        )
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(0 <= self.kl_warmup <= 1, f"kl_warmup must be a fraction in [0, 1], got {self.kl_warmup!r}")
         _check(self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles!r}")
+        _check(
+            self.checkpoint_every is None or (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1),
+            f"checkpoint_every must be an integer >= 1 or None, got {self.checkpoint_every!r}",
+        )
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        _check(
+            self.checkpoint_every is None or self.checkpoint_dir is not None,
+            "checkpoint_every needs checkpoint_dir, the folder to write the checkpoints into",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

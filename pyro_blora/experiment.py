@@ -32,7 +32,7 @@ from .inject import remove_adapters
 from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
 from .tasks.cached import CachedPrefixTask, split_decoder
 
-__all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
+__all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
@@ -51,6 +51,10 @@ class ExperimentConfig:
         metadata={"help": "drug_reviews | drug_reviews_binary | arc_easy | arc_challenge | openbookqa | boolq | winogrande_s | winogrande_m"},
     )
     scoring: str = field(default="answer_token", metadata={"help": "answer_token (answer words) | choice_likelihood (lm-eval-harness acc)."})
+    normalize: str = field(
+        default="none",
+        metadata={"help": "choice_likelihood only: none (harness acc) | chars (harness acc_norm) | tokens (per-token mean)."},
+    )
     methods: list[str] = field(default_factory=lambda: ["delta", "flow"], metadata={"help": "Guides to fit: flow, normal, mvn, delta."})
     prior: str = field(default="gp", metadata={"help": "Prior over U: gp | normal."})
     flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
@@ -77,6 +81,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.scoring not in ("answer_token", "choice_likelihood"):
             raise ValueError(f"scoring must be answer_token or choice_likelihood, got {self.scoring!r}")
+        if self.normalize not in ("none", "chars", "tokens"):
+            raise ValueError(f"normalize must be none, chars or tokens, got {self.normalize!r}")
         from pyro_blora.guides import GUIDES
 
         if not self.methods:
@@ -113,7 +119,8 @@ def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
     if cfg.scoring == "choice_likelihood":
         if splits.kind != "multiple_choice":
             raise ValueError(f"choice_likelihood scoring needs a multiple-choice task; {cfg.task} is {splits.kind}")
-        return ChoiceLikelihoodTask(tokenizer, max_length=cfg.max_length)
+        normalize = {"none": False, "chars": True, "tokens": "tokens"}[cfg.normalize]
+        return ChoiceLikelihoodTask(tokenizer, normalize=normalize, max_length=cfg.max_length)
     if splits.kind == "classification":
         words = [" " + name for name in splits.class_names]
         return AnswerTokenTask(tokenizer, words, template=DRUG_REVIEW_TEMPLATE, max_length=cfg.max_length)
@@ -259,3 +266,24 @@ def evaluate_adapter(cfg: ExperimentConfig, adapter: str | Path) -> dict[str, An
         "validation": result.evaluate(prepared.validation, num_samples=cfg.num_samples),
         "test": result.evaluate(prepared.test, num_samples=cfg.num_samples),
     }
+
+
+@torch.no_grad()
+def evaluate_zero_shot(cfg: ExperimentConfig, split: str = "validation", batch_size: int = 4) -> dict[str, Any]:
+    """Metrics of the base model, no adapter, on one split of ``cfg``'s task."""
+    from .metrics import classification_metrics
+    from .result import make_loader
+    from .zoo import load_model
+
+    splits = _load_splits(cfg)
+    examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
+    model, tokenizer = load_model(cfg.model, "causal_lm")
+    model.eval()
+    task = _answer_task(cfg, splits, tokenizer)
+    probs, labels = [], []
+    for batch in make_loader(examples, task, batch_size, shuffle=False):
+        probs.append(torch.softmax(task.class_logits(model, batch).float(), -1))
+        labels.append(batch["labels"])
+    metrics = classification_metrics(torch.cat(probs), torch.cat(labels))
+    scoring = cfg.scoring + ("" if cfg.scoring == "answer_token" else f" (normalize={cfg.normalize})")
+    return {"task": cfg.task, "split": split, "scoring": scoring, "num_examples": len(examples), **metrics}

@@ -11,6 +11,7 @@ store), so the torch optimiser sees them directly.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import pyro
@@ -25,6 +26,7 @@ from pyro_blora.guides import BayesianLoRAGuide
 from pyro_blora.guides.network import GuideSpec
 from pyro_blora.models.priors import shared_geometry
 
+from .checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, save_checkpoint, seed_epoch
 from .config import BLoRAConfig, TrainConfig, config_from_dict
 from .inject import adapted_layers, inject_adapters
 from .model import BayesianLoRAModel
@@ -76,7 +78,7 @@ def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
-def _non_finite_report(loss: float, step: int, model: nn.Module, guide: nn.Module) -> str:
+def _non_finite_report(loss: Any, step: int, model: nn.Module, guide: nn.Module) -> str:
     """Name where a non-finite loss came from: a diverged parameter, else the data or the likelihood."""
     bad = [
         f"{prefix}{name}"
@@ -84,9 +86,9 @@ def _non_finite_report(loss: float, step: int, model: nn.Module, guide: nn.Modul
         for name, param in module.named_parameters()
         if param.requires_grad and not torch.isfinite(param).all()
     ]
-    where = f"non-finite parameters: {bad[:5]}" if bad else "all parameters are finite, so the inputs or logits are"
+    where = f"non-finite parameters: {bad[:5]}" if bad else "all parameters are finite: look at the inputs and the logits"
     return (
-        f"the loss became {loss} at step {step} ({where}); training stopped and the parameters of the last "
+        f"non-finite loss ({loss}) at step {step} ({where}); training stopped and the parameters of the last "
         "finished step are kept: lower lr, raise BLoRAConfig.jitter, or check the inputs for NaN"
     )
 
@@ -101,6 +103,7 @@ def fit(
     guide_options: Optional[dict] = None,
     val_data: Union[Dataset, DataLoader, Sequence[Any], None] = None,
     callbacks: Sequence[Callback] = (),
+    resume_from: Union[str, "os.PathLike[str]", None] = None,
     **options: Any,
 ) -> FitResult:
     """Fit Bayesian-LoRA adapters to ``model`` on ``data`` by SVI.
@@ -121,6 +124,9 @@ def fit(
             (validation NLL drives early stopping; never pass the test split).
         callbacks: called after each step with a :class:`TrainingState`; return
             True to stop.
+        resume_from: a checkpoint folder (``TrainConfig.checkpoint_dir`` of an
+            earlier run, see :mod:`pyro_blora.checkpoint`): continue that run
+            where it stopped, with the same data and options.
         **options: any :class:`TrainConfig` field (``num_steps``, ``lr``, ``kl_weight``, ...).
 
     Returns:
@@ -170,17 +176,42 @@ def fit(
     state = TrainingState(result=result, step=0, total_steps=total)
     best = (math.inf, None)
     stale = 0
+    epoch, skip = 0, 0
+    run = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed}
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        restore_checkpoint(ckpt, result, optimizer, scheduler, run)
+        state.step, (epoch, skip) = ckpt.step, ckpt.position
+        extra = ckpt.meta["extra"]
+        state.history, state.validation, stale = extra["history"], extra["validation"], extra["stale"]
+        result.history, result.validation = state.history, state.validation
+        best = (math.inf if extra["best_nll"] is None else extra["best_nll"], ckpt.best)
+
+    def checkpoint(position: tuple[int, int]) -> None:
+        extra = {"history": state.history, "validation": state.validation, "stale": stale,
+                 "best_nll": None if math.isinf(best[0]) else best[0]}
+        save_checkpoint(train.checkpoint_dir, result, optimizer, scheduler, step=state.step, epoch=position[0],
+                        batch_index=position[1], run=run, extra=extra, best=best[1])
+
     model.train()
-    bar = tqdm(total=total, desc=f"fit[{bayes_guide.family_name}]", disable=not train.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, desc=f"fit[{bayes_guide.family_name}]", disable=not train.progress, dynamic_ncols=True)
+    interrupt = deferred_interrupt(train.checkpoint_dir is not None)  # Ctrl-C: checkpoint after the current step
+    interrupted = interrupt.__enter__()
     try:
         while state.step < total:
-            for batch in loader:
+            seed_epoch(loader, train.seed, epoch)  # the order of each epoch is reproducible, for resuming
+            for batch_index, batch in enumerate(loader):
+                if batch_index < skip:
+                    continue
                 if state.step >= total:
                     break
                 kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
                 optimizer.zero_grad(set_to_none=True)
-                with shared_geometry():
-                    loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
+                try:
+                    with shared_geometry():
+                        loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
+                except FloatingPointError as err:
+                    raise FloatingPointError(_non_finite_report(str(err), state.step, model, bayes_guide)) from err
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {float(loss.detach())} at step {state.step}; lower lr, raise jitter, "
@@ -206,11 +237,20 @@ def fit(
                 for callback in callbacks:
                     if callback(state):
                         state.stop = True
+                position = (epoch, batch_index + 1) if batch_index + 1 < steps_per_epoch else (epoch + 1, 0)
+                if train.checkpoint_dir is not None and (
+                    interrupted.is_set() or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
+                ):
+                    checkpoint(position)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt(f"interrupted after step {state.step}; checkpoint in {train.checkpoint_dir}")
                 if state.stop:
                     break
             if state.stop:
                 break
+            epoch, skip = epoch + 1, 0
     finally:
+        interrupt.__exit__(None, None, None)
         bar.close()
     if best[1] is not None and train.early_stopping_patience is not None:
         result.load_state_dict_copy(best[1])

@@ -86,6 +86,8 @@ class BayesianLoRAModel(nn.Module):
         if "labels" not in batch:
             raise ValueError(f"a training batch needs 'labels'; it has {sorted(batch)}")
         logits = self.class_logits(batch)
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the network produced non-finite class logits")
         labels = check_labels(batch["labels"], logits.shape[-1]).to(logits.device)
         with torch.no_grad():
             self.last_nll = float(F.cross_entropy(logits.float(), labels))
