@@ -9,6 +9,7 @@ It knows the factors only through their site names, dimensions and
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Union
 
 import pyro
@@ -45,6 +46,13 @@ def guide_factory(spec: GuideSpec, **options: Any) -> Callable[[InducingSite], I
         spec = GUIDES[spec]
     if not callable(spec):
         raise TypeError(f"guide must be a name, an InducingGuide subclass or a factory, got {type(spec).__name__}")
+    if options and inspect.isclass(spec):
+        params = inspect.signature(spec.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            valid = sorted(set(params) - {"self", "site"})
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown} for guide {spec.__name__}; valid options: {valid}")
 
     def build(site: InducingSite) -> InducingGuide:
         family = spec(site, **options)

@@ -107,6 +107,9 @@ class TrainConfig:
     batch_size: int = _help("Examples per step (when data is not already a DataLoader).", 8)
     lr: float = _help("AdamW learning rate.", 5e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.01)
+    variance_lr_multiplier: float = _help(
+        "Learning-rate multiplier of the posterior's scale parameters (sigma of q(U), lambda); no weight decay.", 10.0
+    )
     schedule: str = _help("Learning-rate schedule: constant | linear | cosine.", "cosine")
     warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
     max_grad_norm: Optional[float] = _help("Clip the global gradient norm (None: no clipping).", 1.0)
@@ -134,6 +137,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr!r}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(self.variance_lr_multiplier > 0, f"variance_lr_multiplier must be positive, got {self.variance_lr_multiplier!r}")
         _check(
             self.schedule in ("constant", "linear", "cosine"),
             f"schedule must be one of constant, linear, cosine; got {self.schedule!r}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class ExperimentConfig:
     batch_size: int = field(default=8, metadata={"help": "Examples per step."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL weight beta (1 = proper ELBO)."})
+    variance_lr_multiplier: float = field(default=10.0, metadata={"help": "Learning-rate multiplier of sigma and lambda."})
     num_samples: int = field(default=4, metadata={"help": "Posterior samples per prediction."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the benchmark JSONL files (default ../shared/data)."})
@@ -120,7 +122,9 @@ def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
         if splits.kind != "multiple_choice":
             raise ValueError(f"choice_likelihood scoring needs a multiple-choice task; {cfg.task} is {splits.kind}")
         normalize = {"none": False, "chars": True, "tokens": "tokens"}[cfg.normalize]
-        return ChoiceLikelihoodTask(tokenizer, normalize=normalize, max_length=cfg.max_length)
+        return ChoiceLikelihoodTask(
+            tokenizer, normalize=normalize, max_length=cfg.max_length, num_classes=splits.num_classes
+        )
     if splits.kind == "classification":
         words = [" " + name for name in splits.class_names]
         return AnswerTokenTask(tokenizer, words, template=DRUG_REVIEW_TEMPLATE, max_length=cfg.max_length)
@@ -161,9 +165,27 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepare
     return Prepared(top, cached, splits, *parts)
 
 
-def _blora_config(cfg: ExperimentConfig) -> BLoRAConfig:
+def _top_block_targets(net: torch.nn.Module, names: list[str], blocks: Optional[int]) -> list[str]:
+    """Full names of the targets outside the blocks or in the top ``blocks`` blocks of an uncut decoder."""
+    layers = getattr(getattr(net, "model", None), "layers", None)
+    if blocks is None or layers is None or len(layers) <= blocks:
+        return names
+    cut = len(layers) - blocks
+    keep = []
+    for full, _ in net.named_modules():
+        if any(full == n or full.endswith("." + n) for n in names):
+            block = re.search(r"\.layers\.(\d+)\.", full)
+            if block is None or int(block.group(1)) >= cut:
+                keep.append(full)
+    return keep or names
+
+
+def _blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None) -> BLoRAConfig:
+    targets = list(cfg.target_modules)
+    if net is not None:  # the uncached path (choice likelihood) adapts the same top blocks
+        targets = _top_block_targets(net, targets, cfg.trainable_layers)
     return BLoRAConfig(
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
         bayesian_modules=None if cfg.bayesian_modules is None else list(cfg.bayesian_modules),
         r=cfg.r,
         alpha=cfg.alpha,
@@ -184,13 +206,14 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
         prepared.train,
         guide=method,
         task=prepared.task,
-        config=_blora_config(cfg),
+        config=_blora_config(cfg, prepared.net),
         guide_options=_guide_options(cfg, method),
         epochs=cfg.epochs,
         num_steps=cfg.num_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         kl_weight=cfg.kl_weight,
+        variance_lr_multiplier=cfg.variance_lr_multiplier,
         seed=cfg.seed,
     )
     train_seconds = time.perf_counter() - start

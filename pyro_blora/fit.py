@@ -68,14 +68,27 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
     return factor
 
 
-def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    seen, params = set(), []
+def _param_groups(modules: Iterable[nn.Module], train: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: every trainable parameter, with the unconstrained scales (``*_rho``) apart.
+
+    Scales are ``cap * sigmoid(rho)`` and start far below their caps (sigma of
+    q(U) at 1e-3 of 0.1, lambda at 1e-3 of 0.03); Adam moves ``rho`` by about the
+    learning rate per step, so at the weights' learning rate the posterior width
+    would barely move within a short fine-tuning run. They get
+    ``lr * variance_lr_multiplier`` and no weight decay.
+    """
+    seen: set[int] = set()
+    weights: list[nn.Parameter] = []
+    scales: list[nn.Parameter] = []
     for module in modules:
-        for param in module.parameters():
+        for name, param in module.named_parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                params.append(param)
-    return params
+                (scales if name.endswith("_rho") else weights).append(param)
+    groups: list[dict[str, Any]] = [{"params": weights}]
+    if scales:
+        groups.append({"params": scales, "lr": train.lr * train.variance_lr_multiplier, "weight_decay": 0.0})
+    return groups
 
 
 def _non_finite_report(loss: Any, step: int, model: nn.Module, guide: nn.Module) -> str:
@@ -133,6 +146,8 @@ def fit(
         A :class:`FitResult` with ``predict``, ``evaluate`` and ``save``.
     """
     train = config_from_dict(TrainConfig, options)
+    if val_data is None and (train.eval_every or train.early_stopping_patience):
+        raise ValueError("eval_every and early_stopping_patience need val_data (a validation split, never the test split)")
     if isinstance(config, dict):
         config = config_from_dict(BLoRAConfig, config)
     existing = adapted_layers(model)
@@ -165,8 +180,9 @@ def fit(
         )
     result = FitResult(bayes_model, bayes_guide, config, train, task)
 
-    params = _trainable([model, bayes_guide])
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    groups = _param_groups([model, bayes_guide], train)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.schedule, train.warmup_steps, total))
     elbo = TraceMeanField_ELBO(num_particles=train.num_particles)
     kl_scale = KLScale()
@@ -207,6 +223,7 @@ def fit(
                     break
                 kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
                 optimizer.zero_grad(set_to_none=True)
+                bayes_model.particle_nll.clear()
                 try:
                     with shared_geometry():
                         loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)

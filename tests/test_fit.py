@@ -383,3 +383,17 @@ def test_fit_on_an_adapted_network_keeps_its_config(tmp_path) -> None:
     assert [layer.r for layer in again.model.layers] == [2, 2]
     with pytest.raises(ValueError, match="already carries adapters built with another BLoRAConfig"):
         pyro_blora.fit(loaded.net, make_data(), "normal", config=make_config(), num_steps=1, progress=False)
+
+
+def test_guide_option_typo_names_valid_options():
+    from pyro_blora.guides.network import guide_factory
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['transform'\] for guide FlowGuide; valid options: .*'transforms'"):
+        guide_factory("flow", transform=["planar"])
+
+
+def test_validation_options_need_validation_data():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    data = [{"inputs": torch.randn(4), "labels": 0}] * 4
+    with pytest.raises(ValueError, match="need val_data"):
+        pyro_blora.fit(net, data, config=pyro_blora.BLoRAConfig(target_modules=["0"]), eval_every=2, progress=False)
