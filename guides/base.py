@@ -39,6 +39,7 @@ class InducingSite:
     lambda_max: float = 0.03
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    zero_init: bool = False
 
 
 def bounded_param(init: float, upper: float, site: InducingSite, shape: tuple[int, ...] = ()) -> nn.Parameter:
@@ -73,10 +74,10 @@ class InducingGuide(nn.Module):
         """``q(U_w)``, event shape ``(site.dim,)``."""
         raise NotImplementedError
 
-    def conditional_scale(self) -> Tensor:
-        """``lambda`` of ``q(W | U)``."""
+    def conditional_scale(self) -> Tensor | float:
+        """``lambda`` of ``q(W | U)``: a positive tensor, or the number 0 for the MAP limit."""
         if not self.learn_lambda:
-            return torch.zeros((), dtype=self.site.dtype, device=self.site.device)
+            return 0.0
         return bounded_value(self.lambda_rho, self.lambda_max)
 
     def mean(self, num_samples: int = 256) -> Tensor:
@@ -85,8 +86,15 @@ class InducingGuide(nn.Module):
             return self.distribution().rsample((num_samples,)).mean(0)
 
 
-def randn_loc(site: InducingSite) -> nn.Parameter:
-    """Bayesian-LoRA initialises the mean of q(U) with a standard normal draw."""
+def initial_loc(site: InducingSite) -> nn.Parameter:
+    """Location of q(U_w) at the start: a standard normal draw (Bayesian-LoRA), or zero for ``site.zero_init``.
+
+    :class:`BayesianLoRAGuide` zero-initialises the B factors, so the adapted
+    network starts as the pretrained one and B receives gradient through a
+    random A, as peft's LoRA initialisation does.
+    """
+    if site.zero_init:
+        return nn.Parameter(torch.zeros(site.dim, dtype=site.dtype, device=site.device))
     return nn.Parameter(torch.randn(site.dim, dtype=site.dtype, device=site.device))
 
 

@@ -13,7 +13,7 @@ from pyro.distributions import Delta
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .base import InducingGuide, InducingSite, randn_loc
+from .base import InducingGuide, InducingSite, initial_loc
 
 __all__ = ["DeltaGuide"]
 
@@ -23,7 +23,7 @@ class DeltaGuide(InducingGuide):
 
     def __init__(self, site: InducingSite):
         super().__init__(site, learn_lambda=False)
-        self.loc = randn_loc(site)
+        self.loc = initial_loc(site)
 
     def distribution(self) -> Distribution:
         return Delta(self.loc, event_dim=1)

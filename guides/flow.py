@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import ReshapeTransform
 
-from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, randn_loc
+from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
 
 __all__ = ["FlowGuide", "FLOW_TRANSFORMS", "TransformSpec"]
 
@@ -111,7 +111,7 @@ class FlowGuide(InducingGuide):
                 f"({'a row of U' if rowwise else 'the flattened U'}), got {hidden}"
             )
         self.scale_max = scale_max
-        self.loc = randn_loc(site)
+        self.loc = initial_loc(site)
         self.scale_rho = bounded_param(scale_init, scale_max, site, (site.dim,))
         self.transforms = nn.ModuleList([_make_transform(spec, width, hidden) for spec in transforms]).to(
             device=site.device, dtype=site.dtype

@@ -15,7 +15,7 @@ from pyro.distributions import LowRankMultivariateNormal, MultivariateNormal
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, randn_loc
+from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
 
 __all__ = ["MultivariateNormalGuide"]
 
@@ -36,7 +36,7 @@ class MultivariateNormalGuide(InducingGuide):
             raise ValueError(f"mvn guide rank must be in [1, {site.dim}] or None (full), got {rank}")
         self.rank = rank
         self.scale_max = scale_max
-        self.loc = randn_loc(site)
+        self.loc = initial_loc(site)
         self.diag_rho = bounded_param(scale_init, scale_max, site, (site.dim,))
         if rank is None:
             self.off_diag = nn.Parameter(torch.zeros(site.dim, site.dim, dtype=site.dtype, device=site.device))

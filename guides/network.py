@@ -75,6 +75,9 @@ class BayesianLoRAGuide(nn.Module):
         factors: the model's :class:`~pyro_blora.models.InducingFactor` objects, in sampling order.
         family: a guide name (``"flow"``, ``"normal"``, ``"mvn"``, ``"delta"``), class or factory.
         lambda_init, lambda_max: initial value and cap of each site's ``lambda``.
+        zero_init_b: start the B factors' locations at zero (the network starts
+            as the pretrained one, as with peft's LoRA init); False draws every
+            location from N(0, I) as the released Bayesian-LoRA code does.
         options: keyword arguments for the family (``transforms``, ``hidden_dims``, ``rank``, ...).
     """
 
@@ -84,6 +87,7 @@ class BayesianLoRAGuide(nn.Module):
         family: GuideSpec = "flow",
         lambda_init: float = 1e-3,
         lambda_max: float = 0.03,
+        zero_init_b: bool = True,
         **options: Any,
     ):
         super().__init__()
@@ -105,6 +109,7 @@ class BayesianLoRAGuide(nn.Module):
                 lambda_max,
                 param.dtype,
                 param.device,
+                zero_init=zero_init_b and factor.site_name.endswith("lora_B"),
             )
             self.sites[_key(factor.site_name)] = build(site)
         # A plain list: the factors' parameters belong to the model, not to the guide.

@@ -11,7 +11,7 @@ from pyro.distributions import Normal
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, randn_loc
+from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
 
 __all__ = ["NormalGuide"]
 
@@ -23,7 +23,7 @@ class NormalGuide(InducingGuide):
         super().__init__(site)
         init_scale_check(scale_init, scale_max)
         self.scale_max = scale_max
-        self.loc = randn_loc(site)
+        self.loc = initial_loc(site)
         self.scale_rho = bounded_param(scale_init, scale_max, site, (site.dim,))
 
     def scale(self) -> Tensor:

@@ -44,25 +44,34 @@ class InducingConditional(TorchDistribution):
         geometry: kernel quantities of the factor.
         inducing: the inducing matrix ``U`` (``m_r x m_c``).
         scale: the output scale ``s``.
-        lam: the conditional noise scale ``lambda >= 0`` (scalar tensor).
+        lam: the conditional noise scale ``lambda >= 0``; the Python number 0 gives the
+            point mass (MAP), a tensor is taken to be positive.
+        source: the ``U`` site's value this was built from, to recognise model and
+            guide conditionals on the same draw (defaults to ``inducing``).
     """
 
     arg_constraints: dict = {}
     support = constraints.independent(constraints.real, 2)
     has_rsample = True
 
-    def __init__(self, geometry: InducingGeometry, inducing: Tensor, scale: float, lam: Tensor | float, validate_args=None):
+    def __init__(
+        self,
+        geometry: InducingGeometry,
+        inducing: Tensor,
+        scale: float,
+        lam: Tensor | float,
+        validate_args=None,
+        source: Tensor | None = None,
+    ):
         self.geometry = geometry
         self.inducing = inducing
+        self.source = inducing if source is None else source
         self.scale = float(scale)
+        # Decided once, on the host: a tensor lambda is a learnable cap * sigmoid(rho) > 0.
+        self.is_point_mass = not isinstance(lam, Tensor) and float(lam) == 0.0
         self.lam = torch.as_tensor(lam, dtype=geometry.dtype, device=inducing.device)
         self.unit_mean = geometry.conditional_mean(inducing)
         super().__init__(torch.Size(), torch.Size(geometry.shape), validate_args=False)
-
-    @property
-    def is_point_mass(self) -> bool:
-        """True in the MAP limit ``lambda = 0``."""
-        return not bool(self.lam.detach().ne(0).any())
 
     @property
     def mean(self) -> Tensor:
@@ -103,7 +112,9 @@ def _kl_inducing_conditional(q: InducingConditional, p: InducingConditional) -> 
     size = p_rows * q_cols
     ratio = (q.lam / p.lam).double()
     kl = 0.5 * size * (ratio**2 - 1 - 2 * ratio.log())
-    delta = q.unit_mean - p.unit_mean
-    if bool(delta.detach().ne(0).any()):
+    # Model and guide condition on the same U-site value through the same shared
+    # geometry in an ELBO evaluation: then the means agree exactly and the term vanishes.
+    if not (q.geometry is p.geometry and q.source is p.source):
+        delta = q.unit_mean - p.unit_mean
         kl = kl + 0.5 * p.geometry.mahalanobis(delta) / p.lam.double() ** 2
     return kl.to(q.unit_mean.dtype)

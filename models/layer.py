@@ -73,14 +73,15 @@ class InducingFactor(nn.Module):
     def conditional(self, u_value: Tensor, lam: Tensor | float) -> InducingConditional:
         """The distribution of ``W`` given the ``U`` site's value and noise scale ``lambda``."""
         geometry = self.prior.geometry()
-        return InducingConditional(geometry, self.prior.inducing_matrix(u_value, geometry), self.scale, lam)
+        inducing = self.prior.inducing_matrix(u_value, geometry)
+        return InducingConditional(geometry, inducing, self.scale, lam, source=u_value)
 
     def model(self) -> Tensor:
         """Sample ``U`` from the prior and ``W | U`` (``lambda = 1``); return ``W``."""
         geometry = self.prior.geometry()
         u_value = pyro.sample(self.site_u, self.prior.site_distribution(geometry))
         inducing = self.prior.inducing_matrix(u_value, geometry)
-        return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, 1.0))
+        return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, 1.0, source=u_value))
 
 
 class BayesianLoRALinear(nn.Module):

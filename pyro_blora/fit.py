@@ -209,6 +209,7 @@ def fit(
         save_checkpoint(train.checkpoint_dir, result, optimizer, scheduler, step=state.step, epoch=position[0],
                         batch_index=position[1], run=run, extra=extra, best=best[1])
 
+    start_step = state.step
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=f"fit[{bayes_guide.family_name}]", disable=not train.progress, dynamic_ncols=True)
     interrupt = deferred_interrupt(train.checkpoint_dir is not None)  # Ctrl-C: checkpoint after the current step
@@ -225,7 +226,9 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 bayes_model.particle_nll.clear()
                 try:
-                    with shared_geometry():
+                    # Pyro's argument and shape checks run on the first step only: after that
+                    # they cost a host sync per site and check what the first step checked.
+                    with shared_geometry(), pyro.validation_enabled(state.step == start_step):
                         loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
                 except FloatingPointError as err:
                     raise FloatingPointError(_non_finite_report(str(err), state.step, model, bayes_guide)) from err

@@ -200,7 +200,7 @@ def posterior_predictive(
         ax.errorbar(x, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", ecolor="black", capsize=4, lw=1.3, zorder=3)
         pred = int(mean.argmax())
         verdict = "correct" if pred == gold else f"predicts {names[pred]}"
-        ax.set_title(f"example {i}: gold = {names[gold]} ({verdict})", fontsize=9)
+        ax.set_title(f"example {i}\ngold: {names[gold]} ({verdict})", fontsize=9)
         long_names = max(map(len, names)) > 4
         ax.set_xticks(x, names, rotation=30 if long_names else 0, ha="right" if long_names else "center")
         ax.set_ylim(0, 1.03)

@@ -1,0 +1,121 @@
+"""Smoke tests of the benchmark scripts: they run in seconds with tiny settings and write what docs/performance.md says.
+
+The three scripts start together in subprocesses (each pays the torch / transformers
+import once), so the module takes well under a minute. No real model is loaded:
+``speed.py --models random`` with ``--tiny`` uses a tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+TIMEOUT = 240
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    commands = {
+        "speed": [sys.executable, str(BENCH / "speed.py"), "--tiny", "--models", "random",
+                  "--output", str(out / "speed.json")],
+        "scale": [sys.executable, str(BENCH / "scale.py"), "--models", "tiny", "Llama-2-7B",
+                  "--output", str(out / "scale")],
+        "gpu": ["bash", str(BENCH / "gpu.sh"), "--tiny", "--device", "cpu", "--output", str(out / "gpu.json")],
+    }
+    procs = {
+        name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in commands.items()
+    }
+    logs = {}
+    for name, proc in procs.items():
+        try:
+            logs[name] = proc.communicate(timeout=TIMEOUT)[0]
+        except subprocess.TimeoutExpired:
+            for other in procs.values():
+                if other.poll() is None:
+                    other.kill()
+            pytest.fail(f"benchmarks/{name} did not finish in {TIMEOUT} s")
+        assert proc.returncode == 0, f"benchmarks/{name} failed (exit {proc.returncode}):\n{logs[name][-3000:]}"
+    return out, logs
+
+
+def _positive(value, what: str) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{what} = {value!r}"
+
+
+def test_speed_json(runs):
+    out, logs = runs
+    data = json.loads((out / "speed.json").read_text())
+    assert {"settings", "training", "ratios", "prediction", "layers", "targets", "checks", "env"} <= set(data)
+    assert data["settings"]["tiny"] is True and data["settings"]["threads"] == 1
+    assert list(data["training"]) == ["tiny"]
+    methods = data["training"]["tiny"]
+    assert set(methods) == {"peft", "delta", "normal", "flow"}
+    for method, res in methods.items():
+        _positive(res["median_step_s"], f"{method} step")
+        assert len(res["step_times_s"]) == data["settings"]["steps"]
+        _positive(res["trainable_params"], f"{method} params")
+        assert res["peak_memory_mb"] >= 0 and math.isfinite(res["peak_memory_mb"])
+        _positive(data["ratios"]["tiny"][method]["step"], f"{method} step ratio")
+    assert data["ratios"]["tiny"]["peft"]["step"] == pytest.approx(1.0)
+    prediction = data["prediction"]["tiny"]
+    _positive(prediction["lora_forward_s"], "LoRA forward")
+    assert set(prediction["guides"]["flow"]) == {"1", "4", "10"}
+    for n, v in prediction["guides"]["flow"].items():
+        _positive(v["seconds"], f"predict N={n}")
+        _positive(v["ratio"], f"predict ratio N={n}")
+    layers = data["layers"]
+    assert set(layers["results"]) == {"plain", "delta", "flow"}
+    for method, per in layers["results"].items():
+        assert set(per) == {str(c) for c in layers["counts"]}
+        for count, v in per.items():
+            _positive(v["median_step_s"], f"layers {method}/{count}")
+            _positive(v["per_layer_s"], f"layers {method}/{count} per layer")
+        _positive(layers["per_layer_growth"][method], f"growth {method}")
+    assert all(isinstance(ok, bool) for ok in data["checks"].values())
+    assert "x peft" in logs["speed"] and "per-layer overhead" in logs["speed"]
+
+
+def test_scale_outputs(runs):
+    out, logs = runs
+    data = json.loads((out / "scale.json").read_text())
+    rows = {row["model"]: row for row in data["rows"]}
+    assert set(rows) == {"tiny", "Llama-2-7B"}
+    for name, row in rows.items():
+        for key in ("base_params", "plain_lora_params", "blora_params", "extra_params", "blora_prior_params",
+                    "blora_guide_params", "plain_lora_bytes_adamw", "extra_bytes_adamw"):
+            _positive(row[key], f"{name} {key}")
+        assert row["blora_params"] == row["plain_lora_params"] + row["extra_params"]
+        assert row["extra_bytes_adamw"] == 12 * row["extra_params"]
+    seven = rows["Llama-2-7B"]
+    # r (d_in + d_out) on 32 q_proj, 32 v_proj (4096 x 4096) and lm_head (4096 -> 32000)
+    assert seven["plain_lora_params"] == 64 * 8 * 8192 + 8 * (4096 + 32000)
+    assert 6.5e9 < seven["base_params"] < 7e9
+    table = (out / "scale.md").read_text()
+    assert "| Llama-2-7B |" in table and "extra + AdamW" in table
+
+
+def test_gpu_check_json(runs):
+    out, logs = runs
+    data = json.loads((out / "gpu.json").read_text())
+    assert data["settings"]["tiny"] is True and data["settings"]["device"] == "cpu"
+    assert set(data["results"]) == {"peft", "flow"}
+    for method, res in data["results"].items():
+        _positive(res["median_step_s"], f"{method} step")
+        _positive(data["ratios"][method]["step"], f"{method} ratio")
