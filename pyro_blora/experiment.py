@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .config import BLoRAConfig
 from .fit import fit
 from .inject import remove_adapters
+from .io import ensure_writable
 from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
 from .tasks.cached import CachedPrefixTask, split_decoder
 
@@ -256,10 +257,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def compare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
     """Fit every method of ``cfg`` on its task and write the table and plots."""
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write-test"
-    probe.write_text("ok")  # fail now, not after training, if the folder is not writable
-    probe.unlink()
+    ensure_writable(out)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     prepared = prepare(cfg, log)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import pyro
@@ -29,6 +30,7 @@ from pyro_blora.models.priors import shared_geometry
 from .checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, save_checkpoint, seed_epoch
 from .config import BLoRAConfig, TrainConfig, config_from_dict
 from .inject import adapted_layers, inject_adapters
+from .io import ensure_writable
 from .model import BayesianLoRAModel
 from .result import FitResult, TrainingState, make_loader
 from .tasks.base import Task, TensorTask
@@ -146,6 +148,8 @@ def fit(
         A :class:`FitResult` with ``predict``, ``evaluate`` and ``save``.
     """
     train = config_from_dict(TrainConfig, options)
+    if train.checkpoint_dir is not None:
+        ensure_writable(Path(train.checkpoint_dir))
     if val_data is None and (train.eval_every or train.early_stopping_patience):
         raise ValueError("eval_every and early_stopping_patience need val_data (a validation split, never the test split)")
     if isinstance(config, dict):

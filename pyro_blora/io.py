@@ -36,7 +36,7 @@ from .model import BayesianLoRAModel
 from .result import FitResult
 from .tasks.base import Task, TensorTask
 
-__all__ = ["save", "load", "fingerprint", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "fingerprint", "ensure_writable", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,6 +87,17 @@ def save(result: FitResult, path: str | os.PathLike) -> Path:
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return folder
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file: fail before training, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 65536)  # a full disk fails here too
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {folder} is not writable ({err.strerror or err}); choose another --output") from err
 
 
 def _atomic_write(target: Path, write) -> None:
