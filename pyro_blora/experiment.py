@@ -45,11 +45,20 @@ DRUG_REVIEW_TEMPLATE = "Drug review: {text}\nIs the review positive, negative or
 
 @dataclass
 class ExperimentConfig:
-    """Settings of a ``compare`` run; each field is also a CLI option and a config-file key."""
+    """Settings of a ``compare`` run; each field is also a CLI option and a config-file key.
+
+    The defaults are the embedded demo, sized to run in about ten minutes on two
+    CPU cores: binary Drugs.com sentiment (the 3-way task stays at the class
+    prior for SmolLM2-135M within that budget), the top 2 blocks and the LM head
+    adapted on cached activations of the 28 frozen blocks below, 64-token
+    prompts, 10 epochs at lr 1e-2, and prior_sd 1 (at the paper's 0.1 the prior
+    holds the adapters near zero in so short a run: the MAP model stays at the
+    class prior).
+    """
 
     model: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded default), a local folder or a hub id."})
     task: str = field(
-        default="drug_reviews",
+        default="drug_reviews_binary",
         metadata={"help": "drug_reviews | drug_reviews_binary | arc_easy | arc_challenge | openbookqa | boolq | winogrande_s | winogrande_m"},
     )
     scoring: str = field(default="answer_token", metadata={"help": "answer_token (answer words) | choice_likelihood (lm-eval-harness acc)."})
@@ -62,18 +71,18 @@ class ExperimentConfig:
     flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
-    prior_sd: float = field(default=0.1, metadata={"help": "Prior sd numerator of the factors."})
+    prior_sd: float = field(default=1.0, metadata={"help": "Prior sd numerator of the factors."})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"], metadata={"help": "Modules to adapt."})
     bayesian_modules: Optional[list[str]] = field(default_factory=lambda: ["q_proj", "lm_head"], metadata={"help": "Bayesian subset (None: all)."})
-    trainable_layers: Optional[int] = field(default=4, metadata={"help": "Adapt only the top k blocks and cache the rest (None: all blocks)."})
-    max_length: int = field(default=96, metadata={"help": "Prompt tokens at most (longer reviews lose their start)."})
+    trainable_layers: Optional[int] = field(default=2, metadata={"help": "Adapt only the top k blocks and cache the rest (None: all blocks)."})
+    max_length: int = field(default=64, metadata={"help": "Prompt tokens at most (longer reviews lose their start)."})
     train_size: Optional[int] = field(default=None, metadata={"help": "Subsample the training split to this many examples."})
     validation_size: Optional[int] = field(default=None, metadata={"help": "Subsample the validation split."})
     test_size: Optional[int] = field(default=None, metadata={"help": "Subsample the test split."})
-    epochs: int = field(default=5, metadata={"help": "Training epochs (ignored when num_steps is set)."})
+    epochs: int = field(default=10, metadata={"help": "Training epochs (ignored when num_steps is set)."})
     num_steps: Optional[int] = field(default=None, metadata={"help": "Optimiser steps."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL weight beta (1 = proper ELBO)."})
     variance_lr_multiplier: float = field(default=10.0, metadata={"help": "Learning-rate multiplier of sigma and lambda."})
     num_samples: int = field(default=4, metadata={"help": "Posterior samples per prediction."})
