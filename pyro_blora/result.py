@@ -159,10 +159,13 @@ class FitResult:
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if seed is not None:
-            torch.manual_seed(seed)
         samples = 1 if self.is_deterministic else num_samples
-        weights = self.sample_weights(samples)
+        if seed is None:
+            weights = self.sample_weights(samples)
+        else:  # a private stream: the caller's global RNG state is left as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                weights = self.sample_weights(samples)
         loader = make_loader(data, self.task, batch_size, shuffle=False)
         all_probs, all_labels = [], []
         with self._eval_mode():
