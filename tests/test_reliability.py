@@ -39,3 +39,30 @@ def test_non_finite_inputs_are_reported_with_the_step():
     data = [{"inputs": torch.full((4,), float("nan")), "labels": 1}] * 4
     with pytest.raises(FloatingPointError, match=r"at step 0 .*all parameters are finite: look at the inputs"):
         pyro_blora.fit(net, data, config=pyro_blora.BLoRAConfig(target_modules=["0"]), progress=False)
+
+
+def test_unknown_flow_transform_lists_the_valid_names():
+    from pyro_blora.guides import BayesianLoRAGuide
+    from pyro_blora.models import BayesianLoRALinear
+
+    layer = BayesianLoRALinear(nn.Linear(6, 6), "x", pyro_blora.BLoRAConfig(target_modules=["x"], r=2))
+    with pytest.raises(ValueError, match=r"unknown flow transform 'maf'; choose from \['affine_autoregressive'"):
+        BayesianLoRAGuide(layer.factors, "flow", transforms=["maf"])
+
+
+def test_remote_code_is_off_unless_asked_for():
+    import inspect
+
+    from pyro_blora import zoo
+
+    assert inspect.signature(zoo.load_model).parameters["trust_remote_code"].default is False
+
+
+def test_no_pickle_in_the_library():
+    import pathlib
+
+    root = pathlib.Path(pyro_blora.__file__).resolve().parent
+    sources = [*root.rglob("*.py"), *(root.parent / "models").rglob("*.py"), *(root.parent / "guides").rglob("*.py")]
+    for source in sources:
+        text = source.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, source
