@@ -71,6 +71,8 @@ class ExperimentConfig:
     flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lambda_max: float = field(default=0.03, metadata={"help": "Cap of lambda, the scale of q(W | U) (paper: 0.03)."})
+    scale_max: float = field(default=0.1, metadata={"help": "Cap of the sd of q(U_w) in normal/mvn/flow guides (paper: 0.1)."})
     prior_sd: float = field(default=1.0, metadata={"help": "Prior sd numerator of the factors."})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"], metadata={"help": "Modules to adapt."})
     bayesian_modules: Optional[list[str]] = field(default_factory=lambda: ["q_proj", "lm_head"], metadata={"help": "Bayesian subset (None: all)."})
@@ -201,11 +203,15 @@ def _blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None) 
         alpha=cfg.alpha,
         prior=cfg.prior,
         prior_sd=cfg.prior_sd,
+        lambda_max=cfg.lambda_max,
     )
 
 
 def _guide_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
-    return {"transforms": list(cfg.flow)} if method == "flow" else {}
+    options: dict[str, Any] = {"transforms": list(cfg.flow)} if method == "flow" else {}
+    if method in ("flow", "normal", "mvn"):
+        options["scale_max"] = cfg.scale_max
+    return options
 
 
 def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path) -> dict[str, Any]:
