@@ -285,9 +285,10 @@ def uncertainty_histograms(
         for values, color, label in ((a, "C0", "in-distribution"), (b, "C3", "shifted")):
             ax.hist(values, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=color)
             ax.hist(values, bins=edges, density=True, histtype="step", lw=1.4, color=color,
-                    label=f"{label} (n={values.size}, mean={values.mean():.3f})")
+                    label=f"{label} (n={values.size}, mean={values.mean():.3g})")
             ax.axvline(values.mean(), color=color, ls="--", lw=1)
         ax.set(title=f"{_PRETTY.get(key, key)}\nAUROC(shifted vs in) = {auroc:.3f}", xlabel="nats", ylabel="density")
+        ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))  # MI can be ~1e-4 nats
         ax.legend(fontsize=7, framealpha=0.9)
         ax.grid(alpha=0.25)
     return _finish(fig, path)
