@@ -17,13 +17,10 @@ import cProfile
 import io
 import os
 import pstats
-import sys
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# run as scripts: their own folder is sys.path[0], so ``import common`` finds benchmarks/common.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -9,7 +9,7 @@ posterior, and get calibrated class probabilities::
     metrics = pyro_blora.evaluate(result, test_data)
 """
 
-from typing import Any, Sequence
+from typing import Any
 
 from .config import BLoRAConfig, TrainConfig
 from .fit import fit

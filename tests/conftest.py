@@ -11,6 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and a busy 2-core machine makes them spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's real tokenizer (converted once into the user cache by pyro_blora.zoo)."""

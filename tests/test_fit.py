@@ -15,13 +15,7 @@ from pyro_blora import BLoRAConfig
 N_FEATURES, N_CLASSES = 16, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and a busy 2-core machine makes them spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net() -> nn.Module:

@@ -16,17 +16,10 @@ from pyro_blora.interop import export_peft, from_peft, merge_posterior_mean, rea
 peft = pytest.importorskip("peft")
 
 # peft 0.21 reads a transformers property that transformers 5 deprecates; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 VOCAB, N_CLASSES, SEQ = 64, 3, 6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LastTokenTask:

@@ -17,12 +17,7 @@ from pyro_blora.io import CONFIG_NAME, WEIGHTS_NAME
 N_FEATURES, N_CLASSES = 16, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed: int = 1234) -> nn.Module:

@@ -153,13 +153,7 @@ def _is_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and a busy 2-core machine makes them spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_site(dtype: torch.dtype = torch.float32) -> InducingSite:

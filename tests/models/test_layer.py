@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyro
 import pytest
 import torch
 from pyro import poutine
