@@ -162,14 +162,18 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepare
     from .zoo import load_model
 
     splits = _load_splits(cfg)
-    log(f"data: {splits.name}, {splits.describe() if hasattr(splits, 'describe') else ''}")
+    log(f"data: {splits.describe()}")
     model, tokenizer = load_model(cfg.model, "causal_lm")
     model.eval()
     task = _answer_task(cfg, splits, tokenizer)
     shifted = _shift(splits.test, cfg.seed)
     if cfg.trainable_layers is None or not isinstance(task, AnswerTokenTask):
         return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
-    bottom, top = split_decoder(model, cfg.trainable_layers)
+    try:
+        bottom, top = split_decoder(model, cfg.trainable_layers)
+    except TypeError as err:  # not a Llama-style decoder: adapt its top blocks without a cache
+        log(f"no activation cache: {err}")
+        return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
     cached = CachedPrefixTask(task, bottom)
     parts = [cached.cache(list(part), desc=f"caching {name}") for name, part in (
         ("train", splits.train), ("validation", splits.validation), ("test", splits.test), ("shifted", shifted)
