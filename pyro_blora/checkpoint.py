@@ -44,6 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .io import read_json
+
 if TYPE_CHECKING:
     from .result import FitResult
 
@@ -254,10 +256,7 @@ def latest_checkpoint(directory: PathLike) -> Path:
 
 
 def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"checkpoint file {file} is not valid JSON (truncated or corrupted?): {err}") from err
+    return read_json(file, "checkpoint file ")
 
 
 def _read_tensors(file: Path) -> dict[str, Tensor]:

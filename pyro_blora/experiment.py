@@ -241,10 +241,7 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
     result.save(folder)
     validation = result.evaluate(prepared.validation, num_samples=cfg.num_samples)
     prediction = result.predict(prepared.test, num_samples=cfg.num_samples, seed=cfg.seed)
-    from .metrics import classification_metrics
-
-    test = classification_metrics(prediction.probs, prediction.labels, sample_probs=prediction.sample_probs)
-    test["num_samples"] = prediction.num_samples
+    test = prediction.metrics()
     tensors = {"test_sample_probs": prediction.sample_probs.contiguous(), "test_labels": prediction.labels.contiguous()}
     if prepared.shifted:
         shifted = result.predict(prepared.shifted, num_samples=cfg.num_samples, seed=cfg.seed)

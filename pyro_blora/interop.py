@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .config import BLoRAConfig
 from .inject import adapted_layers, inject_adapters, matches, remove_adapters
-from .io import _atomic_write
+from .io import _atomic_write, read_json
 from .model import BayesianLoRAModel
 from .result import FitResult
 from .tasks.base import Task, TensorTask
@@ -158,10 +158,7 @@ def read_peft(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[Tensor, T
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: {folder} is not a peft LoRA adapter folder (safetensors)")
-    try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    meta = read_json(config_file, "peft config ")
     if meta.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type {meta.get('peft_type')!r} is not LORA")
     for key in ("use_dora", "rank_pattern", "alpha_pattern"):

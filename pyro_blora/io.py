@@ -112,15 +112,20 @@ def _atomic_write(target: Path, write) -> None:
             tmp.unlink()
 
 
+def read_json(file: Path, what: str = "") -> Any:
+    """Parse a JSON file, naming it (and ``what`` it is) when it is truncated or corrupted."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what}{file} is not valid JSON (truncated or corrupted?): {err}") from err
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a saved adapter, with clear errors for a missing or corrupted file."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {path} is not a saved pyro_blora adapter folder")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON (truncated or corrupted?): {err}") from err
+    meta = read_json(file)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {meta.get('format_version')!r}; this pyro_blora reads {FORMAT_VERSION}")
     return meta

@@ -57,6 +57,17 @@ class Prediction:
     def num_samples(self) -> int:
         return self.sample_probs.shape[0]
 
+    def metrics(self, n_bins: int = 15) -> dict[str, float]:
+        """ACC, ECE, MCE, NLL, Brier and the uncertainty split, as a JSON-ready dict."""
+        from .metrics import classification_metrics
+
+        if self.labels is None:
+            raise ValueError("metrics need labelled data: the batches carry no 'labels'")
+        out = classification_metrics(self.probs, self.labels, n_bins=n_bins, sample_probs=self.sample_probs)
+        out["num_samples"] = self.num_samples
+        out["num_examples"] = int(self.labels.numel())
+        return out
+
 
 @dataclass
 class TrainingState:
@@ -169,9 +180,10 @@ class FitResult:
         loader = make_loader(data, self.task, batch_size, shuffle=False)
         all_probs, all_labels = [], []
         with self._eval_mode():
+            if stack_samples:
+                self.model.set_adapter_weights(weights)
             for batch in loader:
                 if stack_samples:
-                    self.model.set_adapter_weights(weights)
                     logits = self.task.class_logits(self.net, _repeat_batch(batch, samples))
                     logits = logits.reshape(samples, -1, logits.shape[-1])
                 else:
@@ -195,17 +207,7 @@ class FitResult:
         batch_size: int = 8,
     ) -> dict[str, float]:
         """Metrics of the posterior predictive on labelled ``data`` (a JSON-ready dict)."""
-        from .metrics import classification_metrics
-
-        prediction = self.predict(data, num_samples=num_samples, batch_size=batch_size)
-        if prediction.labels is None:
-            raise ValueError("evaluate needs labelled data: the batches carry no 'labels'")
-        metrics = classification_metrics(
-            prediction.probs, prediction.labels, n_bins=n_bins, sample_probs=prediction.sample_probs
-        )
-        metrics["num_samples"] = prediction.num_samples
-        metrics["num_examples"] = int(prediction.labels.numel())
-        return metrics
+        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Every learned tensor: adapter parameters (``net.*``) and guide state (``guide.*``)."""
