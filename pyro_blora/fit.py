@@ -31,6 +31,7 @@ from .checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint,
 from .config import BLoRAConfig, TrainConfig, config_from_dict
 from .inject import adapted_layers, inject_adapters
 from .io import ensure_writable
+from .methods import METHODS
 from .model import BayesianLoRAModel
 from .result import FitResult, TrainingState, make_loader
 from .tasks.base import Task, TensorTask
@@ -129,7 +130,8 @@ def fit(
         data: training examples (a ``Dataset``, ``datasets.Dataset`` or list,
             collated by ``task``) or a ``DataLoader`` of collated batches.
         guide: ``"flow"`` (default), ``"normal"``, ``"mvn"``, ``"delta"`` (MAP,
-            plain LoRA), an :class:`~pyro_blora.guides.InducingGuide` subclass, a
+            plain LoRA), a baseline of :data:`pyro_blora.methods.METHODS` (``"mc_dropout"``,
+            ``"ensemble"``, ``"blob"``, ``"laplace"``), an :class:`~pyro_blora.guides.InducingGuide` subclass, a
             ``factory(site)``, or a ready :class:`~pyro_blora.guides.BayesianLoRAGuide`.
         task: turns batches into class logits; default :class:`~pyro_blora.tasks.TensorTask`.
         config: where the adapters go and their prior (:class:`BLoRAConfig` or dict).
@@ -147,6 +149,11 @@ def fit(
     Returns:
         A :class:`FitResult` with ``predict``, ``evaluate`` and ``save``.
     """
+    if isinstance(guide, str) and guide in METHODS:
+        return METHODS[guide](
+            model, data, task=task, config=config, guide_options=guide_options, val_data=val_data,
+            callbacks=callbacks, resume_from=resume_from, **options,
+        )
     train = config_from_dict(TrainConfig, options)
     if train.checkpoint_dir is not None:
         ensure_writable(Path(train.checkpoint_dir))

@@ -36,7 +36,7 @@ from .model import BayesianLoRAModel
 from .result import FitResult
 from .tasks.base import Task, TensorTask
 
-__all__ = ["save", "load", "fingerprint", "ensure_writable", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "load_fit_result", "fingerprint", "ensure_writable", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,6 +82,7 @@ def save(result: FitResult, path: str | os.PathLike) -> Path:
             for layer in result.model.layers
         ],
         "base_fingerprint": fingerprint(result.net),
+        "method": getattr(result, "method", None),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in result.trainable_state().items()}
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -137,8 +138,12 @@ def load(
     task: Optional[Task] = None,
     guide: Optional[GuideSpec] = None,
     check_base: bool = True,
-) -> FitResult:
-    """Rebuild a :class:`FitResult` from a folder written by :func:`save`.
+) -> Any:
+    """Rebuild a fitted result from a folder written by its ``save``.
+
+    Folders of the baselines (MC dropout, ensembles, BLoB, Laplace, temperature
+    scaling) come back as their own result types (:data:`pyro_blora.methods.LOADERS`);
+    plain Bayesian-LoRA folders as a :class:`FitResult`.
 
     Args:
         path: the adapter folder.
@@ -148,6 +153,24 @@ def load(
         check_base: refuse a base model whose adapted weights differ from the
             one the adapter was trained on.
     """
+    from .methods import LOADERS, saved_method
+
+    method = saved_method(Path(path))
+    if method is not None:
+        if method not in LOADERS:
+            raise ValueError(f"{path} holds a {method!r} result, which this pyro_blora cannot load; known: {sorted(LOADERS)}")
+        return LOADERS[method](path, model, task=task, guide=guide, check_base=check_base)
+    return load_fit_result(path, model, task=task, guide=guide, check_base=check_base)
+
+
+def load_fit_result(
+    path: str | os.PathLike,
+    model: nn.Module,
+    task: Optional[Task] = None,
+    guide: Optional[GuideSpec] = None,
+    check_base: bool = True,
+) -> FitResult:
+    """The :class:`FitResult` (model, guide, settings) of an adapter folder; arguments as :func:`load`."""
     meta = read_config(path)
     file = Path(path) / WEIGHTS_NAME
     if not file.is_file():
