@@ -47,14 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bayesian-LoRA on Pyro: calibrated fine-tuning of language models.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    compare = commands.add_parser("compare", help="fit several guides on one task and print one table")
-    fit = commands.add_parser("fit", help="fit one guide on a task")
+    compare = commands.add_parser("compare", help="fit several methods on one task and print one table")
+    fit = commands.add_parser("fit", help="fit one method on a task")
     evaluate = commands.add_parser("evaluate", help="evaluate a saved adapter on a task's test split")
     plot = commands.add_parser("plot", help="redraw the plots of a compare/fit output folder")
     for sub in (compare, fit, evaluate):
         sub.add_argument("--config", type=Path, help="JSON or YAML file of options (flags override it)")
     _add_experiment_options(compare)
-    fit.add_argument("--guide", default="flow", help="the guide to fit: flow | normal | mvn | delta")
+    fit.add_argument(
+        "--guide", "--method", dest="guide", default="flow",
+        help="the method to fit: guides flow | normal | mvn | delta, baselines mc_dropout | ensemble | blob | laplace",
+    )
     _add_experiment_options(fit, exclude=("methods",))
     evaluate.add_argument(
         "--adapter", type=Path, help="folder written by fit/compare (<output>/<method>); omit it to score the base model zero-shot"

@@ -32,7 +32,7 @@ from .fit import fit
 from .inject import remove_adapters
 from .io import ensure_writable
 from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
-from .tasks.cached import CachedPrefixTask, split_decoder
+from .tasks.cached import cached_task, split_decoder
 
 __all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
 
@@ -66,7 +66,10 @@ class ExperimentConfig:
         default="none",
         metadata={"help": "choice_likelihood only: none (harness acc) | chars (harness acc_norm) | tokens (per-token mean)."},
     )
-    methods: list[str] = field(default_factory=lambda: ["delta", "flow"], metadata={"help": "Guides to fit: flow, normal, mvn, delta."})
+    methods: list[str] = field(
+        default_factory=lambda: ["delta", "flow"],
+        metadata={"help": "Methods to fit: guides flow, normal, mvn, delta; baselines mc_dropout, ensemble, blob, laplace."},
+    )
     prior: str = field(default="gp", metadata={"help": "Prior over U: gp | normal."})
     flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
     r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -91,19 +94,24 @@ class ExperimentConfig:
     seed: int = field(default=0, metadata={"help": "Random seed."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the benchmark JSONL files (default ../shared/data)."})
     output: str = field(default="runs/compare", metadata={"help": "Output folder."})
+    device: str = field(default="cpu", metadata={"help": "Where the model runs: cpu, cuda, cuda:1, mps."})
 
     def __post_init__(self) -> None:
         if self.scoring not in ("answer_token", "choice_likelihood"):
             raise ValueError(f"scoring must be answer_token or choice_likelihood, got {self.scoring!r}")
         if self.normalize not in ("none", "chars", "tokens"):
             raise ValueError(f"normalize must be none, chars or tokens, got {self.normalize!r}")
-        from pyro_blora.guides import GUIDES
+        from .methods import method_names
 
         if not self.methods:
-            raise ValueError("methods is empty: name at least one guide (flow, normal, mvn, delta)")
-        unknown = [m for m in self.methods if m not in GUIDES]
+            raise ValueError("methods is empty: name at least one guide (flow, normal, mvn, delta) or baseline")
+        unknown = [m for m in self.methods if m not in method_names()]
         if unknown:  # also keeps output folders (<output>/<method>) inside the output
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(GUIDES)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {method_names()}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:0, mps): {err}") from err
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
 
@@ -134,8 +142,11 @@ def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
         if splits.kind != "multiple_choice":
             raise ValueError(f"choice_likelihood scoring needs a multiple-choice task; {cfg.task} is {splits.kind}")
         normalize = {"none": False, "chars": True, "tokens": "tokens"}[cfg.normalize]
+        # a passage (BoolQ) goes before the question; long ones lose their start, never the question
+        with_context = any(example.get("context") for example in splits.train[:50])
+        template = "{context}\nQuestion: {question}\nAnswer:" if with_context else "Question: {question}\nAnswer:"
         return ChoiceLikelihoodTask(
-            tokenizer, normalize=normalize, max_length=cfg.max_length, num_classes=splits.num_classes
+            tokenizer, template=template, normalize=normalize, max_length=cfg.max_length, num_classes=splits.num_classes
         )
     if splits.kind == "classification":
         words = [" " + name for name in splits.class_names]
@@ -164,17 +175,17 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepare
     splits = _load_splits(cfg)
     log(f"data: {splits.describe()}")
     model, tokenizer = load_model(cfg.model, "causal_lm")
-    model.eval()
+    model.eval().to(cfg.device)
     task = _answer_task(cfg, splits, tokenizer)
     shifted = _shift(splits.test, cfg.seed)
-    if cfg.trainable_layers is None or not isinstance(task, AnswerTokenTask):
+    if cfg.trainable_layers is None or not isinstance(task, (AnswerTokenTask, ChoiceLikelihoodTask)):
         return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
     try:
         bottom, top = split_decoder(model, cfg.trainable_layers)
     except TypeError as err:  # not a Llama-style decoder: adapt its top blocks without a cache
         log(f"no activation cache: {err}")
         return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
-    cached = CachedPrefixTask(task, bottom)
+    cached = cached_task(task, bottom)
     parts = [cached.cache(list(part), desc=f"caching {name}") for name, part in (
         ("train", splits.train), ("validation", splits.validation), ("test", splits.test), ("shifted", shifted)
     )]
@@ -235,6 +246,8 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
         kl_weight=cfg.kl_weight,
         variance_lr_multiplier=cfg.variance_lr_multiplier,
         seed=cfg.seed,
+        # last-layer Laplace tunes its prior precision on validation; the others never see it
+        **({"val_data": prepared.validation} if method == "laplace" else {}),
     )
     train_seconds = time.perf_counter() - start
     folder = out / method
@@ -246,7 +259,9 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
     if prepared.shifted:
         shifted = result.predict(prepared.shifted, num_samples=cfg.num_samples, seed=cfg.seed)
         tensors["shifted_sample_probs"] = shifted.sample_probs.contiguous()
-    tensors.update({f"q_u.{k}": v.contiguous() for k, v in list(result.guide.sample_inducing(200).items())[:1]})
+    sample_inducing = getattr(getattr(result, "guide", None), "sample_inducing", None)
+    if sample_inducing is not None:  # Bayesian-LoRA guides: a few draws of q(U) for the marginals plot
+        tensors.update({f"q_u.{k}": v.contiguous() for k, v in list(sample_inducing(200).items())[:1]})
     save_file(tensors, str(folder / "predictions.safetensors"))
     metrics = {"method": method, "train_seconds": train_seconds, "validation": validation, "test": test}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -315,7 +330,7 @@ def evaluate_zero_shot(cfg: ExperimentConfig, split: str = "validation", batch_s
     splits = _load_splits(cfg)
     examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
     model, tokenizer = load_model(cfg.model, "causal_lm")
-    model.eval()
+    model.eval().to(cfg.device)
     task = _answer_task(cfg, splits, tokenizer)
     probs, labels = [], []
     for batch in make_loader(examples, task, batch_size, shuffle=False):

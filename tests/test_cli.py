@@ -21,7 +21,7 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--methods", "--target-modules", "--kl-weight", "--trainable-layers", "--config", "--num-samples"):
         assert flag in text
-    assert "Guides to fit" in text
+    assert "Methods to fit" in text and "mc_dropout" in text and "--device" in text
 
 
 def test_config_file_and_flags_merge(tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Task", "TensorTask", "model_inputs"]
+__all__ = ["Task", "TensorTask", "model_inputs", "on_model_device"]
 
 
 @runtime_checkable
@@ -42,6 +42,19 @@ class Task(Protocol):
 def model_inputs(batch: Mapping[str, Tensor], exclude: Sequence[str] = ("labels",)) -> dict[str, Tensor]:
     """The entries of ``batch`` that are passed to the network as keyword arguments."""
     return {k: v for k, v in batch.items() if k not in exclude}
+
+
+def on_model_device(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its tensors on the device of ``model``'s parameters.
+
+    Loaders collate on the CPU; a model on an accelerator gets its inputs moved
+    here, so the same data and task serve a CPU and a GPU model.
+    """
+    param = next(model.parameters(), None)
+    if param is None:
+        return dict(batch)
+    device = param.device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device else v for k, v in batch.items()}
 
 
 class TensorTask:
@@ -74,6 +87,7 @@ class TensorTask:
         return {"inputs": torch.stack([torch.as_tensor(x) for x in inputs]), "labels": torch.as_tensor(labels)}
 
     def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        batch = on_model_device(model, batch)
         if "inputs" in batch and len(batch) == 2:
             output = model(batch["inputs"])
         else:

@@ -5,8 +5,10 @@ the bottom blocks compute the same activations in every epoch and for every
 posterior sample. :func:`split_decoder` cuts a Llama-architecture causal LM into
 a ``bottom`` (embeddings and the first blocks, no final norm) and a ``top``
 (the remaining blocks, final norm and LM head) that share the original modules;
-:class:`CachedPrefixTask` runs ``bottom`` once per example and feeds the cached
-hidden states to ``top`` through its public ``inputs_embeds`` argument. The
+:class:`CachedPrefixTask` (answer tokens) and :class:`CachedChoiceTask` (choice
+likelihood, one cached sequence per choice) run ``bottom`` once per example and
+feed the cached hidden states to ``top`` through its public ``inputs_embeds``
+argument. The
 result is exactly the full model's output (tested), at the cost of the top
 blocks per step.
 """
@@ -20,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .causal_lm import AnswerTokenTask
+from .base import on_model_device
+from .causal_lm import AnswerTokenTask, ChoiceLikelihoodTask, choice_scores
 
-__all__ = ["split_decoder", "CachedPrefixTask"]
+__all__ = ["split_decoder", "CachedPrefixTask", "CachedChoiceTask", "cached_task"]
 
 
 def split_decoder(model: nn.Module, trainable_layers: int) -> tuple[nn.Module, nn.Module]:
@@ -86,7 +89,7 @@ class CachedPrefixTask:
         out: list[dict[str, Tensor]] = []
         starts = range(0, len(examples), self.batch_size)
         for start in tqdm(starts, desc=desc, leave=False):
-            batch = self.inner.collate(examples[start : start + self.batch_size])
+            batch = on_model_device(self.bottom, self.inner.collate(examples[start : start + self.batch_size]))
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             hidden = self.bottom(**inputs).last_hidden_state
             for row in range(hidden.shape[0]):
@@ -128,6 +131,7 @@ class CachedPrefixTask:
         }
 
     def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        batch = on_model_device(model, batch)
         output = model(
             inputs_embeds=batch["inputs_embeds"],
             attention_mask=batch["attention_mask"],
@@ -141,3 +145,106 @@ class CachedPrefixTask:
         if mask is not None and not bool(mask.all()):
             logits = logits.masked_fill(~mask.bool(), torch.finfo(logits.dtype).min / 2)
         return logits
+
+
+class CachedChoiceTask:
+    """A :class:`ChoiceLikelihoodTask` whose examples carry the bottom's hidden states, one sequence per choice.
+
+    Scores are those of the inner task (same tokenisation, truncation and
+    normalisation; tested equal to the uncached task on the full model), computed
+    by the top blocks only.
+
+    Args:
+        inner: the choice-likelihood task that renders and tokenises the choices.
+        bottom: the frozen lower part from :func:`split_decoder`.
+        batch_size: examples per forward when caching (each has ``C`` rows).
+    """
+
+    def __init__(self, inner: ChoiceLikelihoodTask, bottom: nn.Module, batch_size: int = 8):
+        if inner.num_classes is None:
+            raise ValueError("CachedChoiceTask needs an inner ChoiceLikelihoodTask with a fixed num_classes")
+        self.inner = inner
+        self.bottom = bottom
+        self.batch_size = batch_size
+        self.num_classes = inner.num_classes
+
+    @torch.no_grad()
+    def cache(self, examples: Sequence[Mapping[str, Any]], desc: str = "caching") -> list[dict[str, Any]]:
+        """Run the bottom once over every choice of ``examples``; compact per-example records (no padding)."""
+        out: list[dict[str, Any]] = []
+        for start in tqdm(range(0, len(examples), self.batch_size), desc=desc, leave=False):
+            batch = on_model_device(self.bottom, self.inner.collate(examples[start : start + self.batch_size]))
+            B, C, L = batch["input_ids"].shape
+            flat = {k: batch[k].reshape(B * C, L) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            valid = batch["choice_mask"].reshape(-1).bool()
+            hidden = self.bottom(**{k: v[valid] for k, v in flat.items()}).last_hidden_state
+            span = batch["continuation_mask"].reshape(B * C, L)[valid].sum(-1)
+            rows = valid.nonzero().squeeze(-1).tolist()
+            for b in range(B):
+                choices = []
+                for i, row in enumerate(rows):
+                    if row // C != b:
+                        continue
+                    keep = flat["attention_mask"][row].bool()
+                    choice = {"hidden": hidden[i, keep].clone(), "input_ids": flat["input_ids"][row, keep], "span": span[i]}
+                    if "position_ids" in flat:
+                        choice["position_ids"] = flat["position_ids"][row, keep]
+                    choices.append(choice)
+                out.append({"choices": choices, "labels": batch["labels"][b], "choice_mask": batch["choice_mask"][b],
+                            "norm_length": batch["norm_length"][b]})
+        return out
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        if "choices" not in examples[0] or not isinstance(examples[0]["choices"][0], Mapping):
+            raise ValueError("CachedChoiceTask collates cached examples: call task.cache(examples) first")
+        B, C = len(examples), self.num_classes
+        L = max(c["hidden"].shape[0] for e in examples for c in e["choices"])
+        first = examples[0]["choices"][0]["hidden"]
+        hidden = first.new_zeros(B, C, L, first.shape[-1])
+        ids = torch.full((B, C, L), self.inner.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, C, L, dtype=torch.long)
+        positions = torch.zeros(B, C, L, dtype=torch.long)
+        continuation = torch.zeros(B, C, L, dtype=torch.bool)
+        for b, example in enumerate(examples):
+            for c, choice in enumerate(example["choices"]):  # valid choices come first, as the inner task orders them
+                n = choice["hidden"].shape[0]
+                hidden[b, c, L - n :] = choice["hidden"]
+                ids[b, c, L - n :] = choice["input_ids"].cpu()
+                mask[b, c, L - n :] = 1
+                positions[b, c, L - n :] = choice["position_ids"].cpu() if "position_ids" in choice else torch.arange(n)
+                continuation[b, c, L - int(choice["span"]) :] = True
+        return {
+            "inputs_embeds": hidden, "input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "continuation_mask": continuation,
+            "choice_mask": torch.stack([torch.as_tensor(e["choice_mask"]).cpu() for e in examples]),
+            "norm_length": torch.stack([torch.as_tensor(e["norm_length"]).cpu() for e in examples]),
+            "labels": torch.stack([torch.as_tensor(e["labels"]).cpu() for e in examples]),
+        }
+
+    def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        batch = on_model_device(model, batch)
+        B, C, L = batch["input_ids"].shape
+        valid = batch["choice_mask"].reshape(-1).bool()
+        ids = batch["input_ids"].reshape(B * C, L)[valid]
+        continuation = batch["continuation_mask"].reshape(B * C, L)[valid]
+        K = int(continuation.sum(-1).max())
+        output = model(
+            inputs_embeds=batch["inputs_embeds"].reshape(B * C, L, -1)[valid],
+            attention_mask=batch["attention_mask"].reshape(B * C, L)[valid],
+            position_ids=batch["position_ids"].reshape(B * C, L)[valid],
+            logits_to_keep=K + 1,
+        )
+        logits = output.logits[:, -(K + 1) : -1].float()
+        norm = batch["norm_length"] if self.inner.normalize else None
+        return choice_scores(logits, ids, continuation, valid, (B, C), norm)
+
+
+def cached_task(task: Any, bottom: nn.Module) -> Any:
+    """The cached counterpart of an answer-token or choice-likelihood ``task``."""
+    if isinstance(task, AnswerTokenTask):
+        return CachedPrefixTask(task, bottom)
+    if isinstance(task, ChoiceLikelihoodTask):
+        return CachedChoiceTask(task, bottom)
+    raise TypeError(f"no cached form of {type(task).__name__}; use AnswerTokenTask or ChoiceLikelihoodTask")

@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pyro_blora.tasks.base import model_inputs
+from pyro_blora.tasks.base import model_inputs, on_model_device
 
 __all__ = [
     "MC_TEMPLATE",
@@ -252,6 +252,7 @@ class AnswerTokenTask:
         return batch
 
     def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        batch = on_model_device(model, batch)
         last = _lm_logits(model, model_inputs(batch, _NOT_MODEL_INPUTS), keep=1)[:, -1]
         index = torch.tensor(self.answer_ids, device=last.device)
         return _mask_missing(last.index_select(-1, index).float(), batch.get("class_mask"))
@@ -385,6 +386,7 @@ class ChoiceLikelihoodTask:
         return batch
 
     def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        batch = on_model_device(model, batch)
         B, C, L = batch["input_ids"].shape
         valid = batch["choice_mask"].reshape(-1).bool()
         inputs = {k: v.reshape(B * C, L)[valid] for k, v in model_inputs(batch, _NOT_MODEL_INPUTS).items()}
@@ -392,12 +394,28 @@ class ChoiceLikelihoodTask:
         K = int(continuation.sum(-1).max())
         # logits at positions L-K-1 .. L-2 predict the last K tokens
         logits = _lm_logits(model, inputs, keep=K + 1)[:, :-1].float()
-        targets = inputs["input_ids"][:, -K:]
-        # log p = logit - logsumexp, without materialising a second (N, K, vocab) tensor
-        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        scores = torch.where(continuation[:, -K:], token_logp, torch.zeros_like(token_logp)).sum(-1)
-        if self.normalize:
-            scores = scores / batch["norm_length"].reshape(-1)[valid].to(scores)
-        out = torch.full((B * C,), MASKED_LOGIT, dtype=scores.dtype, device=scores.device)
-        out = out.masked_scatter(valid.to(out.device), scores)
-        return out.view(B, C)
+        norm = batch["norm_length"] if self.normalize else None
+        return choice_scores(logits, inputs["input_ids"], continuation, valid, (B, C), norm)
+
+
+def choice_scores(
+    logits: Tensor, input_ids: Tensor, continuation: Tensor, valid: Tensor, shape: tuple[int, int], norm: Tensor | None
+) -> Tensor:
+    """``(B, C)`` class logits from the next-token logits of the valid choice rows.
+
+    ``logits`` ``(R, K, V)`` are the predictions for the last ``K`` tokens of the
+    ``R`` valid rows (``input_ids`` ``(R, L)``, left padded); ``continuation``
+    ``(R, L)`` marks each row's continuation tokens. A choice's score is the sum of
+    its continuation's token log-probabilities, divided by ``norm`` when given;
+    missing choices get :data:`MASKED_LOGIT`.
+    """
+    K = logits.shape[1]
+    targets = input_ids[:, -K:]
+    # log p = logit - logsumexp, without materialising a second (N, K, vocab) tensor
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    scores = torch.where(continuation[:, -K:], token_logp, torch.zeros_like(token_logp)).sum(-1)
+    if norm is not None:
+        scores = scores / norm.reshape(-1)[valid].to(scores)
+    out = torch.full((shape[0] * shape[1],), MASKED_LOGIT, dtype=scores.dtype, device=scores.device)
+    out = out.masked_scatter(valid.to(out.device), scores)
+    return out.view(*shape)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pyro_blora.tasks.base import model_inputs
+from pyro_blora.tasks.base import model_inputs, on_model_device
 
 __all__ = ["SequenceClassificationTask"]
 
@@ -64,7 +64,7 @@ class SequenceClassificationTask:
         return batch
 
     def class_logits(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        output = model(**model_inputs(batch))
+        output = model(**model_inputs(on_model_device(model, batch)))
         logits = getattr(output, "logits", output)
         if self.num_classes is None:
             self.num_classes = int(logits.shape[-1])

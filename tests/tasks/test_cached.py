@@ -53,3 +53,47 @@ def test_split_rejects_bad_inputs(tiny_llama):
         split_decoder(tiny_llama, 0)
     with pytest.raises(TypeError, match="Llama-style causal LM"):
         split_decoder(torch.nn.Linear(2, 2), 1)
+
+
+MC_EXAMPLES = [
+    {"question": "Which gas do plants take in?", "choices": ["carbon dioxide", "helium", "neon", "argon"], "label": 0},
+    {"question": "What melts ice fastest?", "choices": ["salt", "sand", "a very long answer of many words"], "label": 0},
+    {"prefixes": ["The cup fell because the cup", "The cup fell because the table"],
+     "continuation": "was slippery.", "choices": ["cup", "table"], "label": 1},
+]
+
+
+@pytest.mark.parametrize("normalize", [False, "chars", "tokens"])
+def test_cached_choice_likelihood_equals_full_model(tiny_llama, smollm2_tokenizer, normalize):
+    from pyro_blora.tasks.cached import CachedChoiceTask
+    from pyro_blora.tasks.causal_lm import ChoiceLikelihoodTask
+
+    inner = ChoiceLikelihoodTask(smollm2_tokenizer, normalize=normalize, max_length=48, num_classes=4)
+    bottom, top = split_decoder(tiny_llama, 2)
+    task = CachedChoiceTask(inner, bottom, batch_size=2)
+    with torch.no_grad():
+        full = inner.class_logits(tiny_llama, inner.collate(MC_EXAMPLES))
+        cached = task.class_logits(top, task.collate(task.cache(MC_EXAMPLES)))
+    assert cached.shape == (3, 4)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    from pyro_blora.tasks.causal_lm import MASKED_LOGIT
+
+    assert bool((cached[1, 3] == MASKED_LOGIT) and (cached[2, 2:] == MASKED_LOGIT).all())  # missing choices stay masked
+
+
+def test_cached_choice_task_trains_and_predicts_stacked_samples(tiny_llama, smollm2_tokenizer):
+    from pyro_blora.tasks.cached import cached_task
+    from pyro_blora.tasks.causal_lm import ChoiceLikelihoodTask
+
+    bottom, top = split_decoder(tiny_llama, 1)
+    task = cached_task(ChoiceLikelihoodTask(smollm2_tokenizer, max_length=48, num_classes=4), bottom)
+    data = task.cache(MC_EXAMPLES * 2)
+    config = BLoRAConfig(target_modules=["q_proj"], r=2, inducing_rows=3, inducing_cols=3)
+    result = fit(top, data, guide="flow", task=task, config=config, num_steps=2, batch_size=3, progress=False)
+    stacked = result.predict(data, num_samples=3, seed=0)
+    looped = result.predict(data, num_samples=3, seed=0, stack_samples=False)
+    torch.testing.assert_close(stacked.sample_probs, looped.sample_probs, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="call task.cache"):
+        task.collate(MC_EXAMPLES)
+    with pytest.raises(TypeError, match="no cached form"):
+        cached_task(object(), bottom)
