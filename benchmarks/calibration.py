@@ -1,0 +1,309 @@
+"""Calibration benchmark: tasks x methods x seeds on SmolLM2-135M, resumable.
+
+Every run fits one method with one training seed on one task, evaluates it on the
+validation and test splits (and, for OpenBookQA, on the ARC-Easy and
+ARC-Challenge test sets: the distribution-shift protocol of Laplace-LoRA), and
+writes ``<output>/<task>/<method>/seed<k>.json`` (metrics) plus
+``seed<k>.safetensors`` (per-sample class probabilities). A finished run is never
+redone: re-running the same command continues where it stopped.
+
+Post-hoc methods reuse the trained runs: temperature scaling is fitted on a run's
+validation probabilities (``delta+ts``, ``flow+ts``), the deep ensemble averages
+MAP runs of consecutive seeds (``ensemble`` of seed ``k`` = MAP seeds ``k..k+size-1``,
+the checkpoint-ensemble style), and last-layer Laplace is fitted right after each
+MAP run on its weights. The data split is the same for every seed (data seed 0),
+so runs of different seeds predict the same examples. Model selection reads the
+validation split only; the settings below were fixed before looking at test.
+
+Usage::
+
+    python benchmarks/calibration.py                        # every task, CPU preset
+    python benchmarks/calibration.py --tasks drug_reviews_binary openbookqa --seeds 0 1 2
+    python benchmarks/calibration.py --summary-only         # table + reliability grid
+    python benchmarks/calibration.py --device cuda --workers 6
+
+The benchmark files are read from ``../shared/data`` (or ``--data-dir`` /
+``PYRO_BLORA_DATA``); tasks whose files are missing are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from pyro_blora import BLoRAConfig, fit
+from pyro_blora.experiment import ExperimentConfig, Prepared, prepare
+from pyro_blora.inject import remove_adapters
+from pyro_blora.result import Prediction
+
+TRAINED = ["delta", "mc_dropout", "blob", "normal", "flow"]
+"""Methods that train adapters; ``laplace`` is fitted after each ``delta`` run."""
+
+POSTHOC = ["ensemble", "delta+ts", "flow+ts"]
+SHIFT = {"openbookqa": ["arc_easy", "arc_challenge"]}
+ENSEMBLE_SIZE = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetting:
+    """How a task is sized and scored so that one training run takes minutes on 2 CPU cores."""
+
+    max_length: int
+    train_size: Optional[int]
+    validation_size: Optional[int]
+    test_size: Optional[int]
+    epochs: int
+    scoring: str = "answer_token"
+    normalize: str = "none"
+
+
+SETTINGS: dict[str, TaskSetting] = {
+    "drug_reviews_binary": TaskSetting(max_length=64, train_size=None, validation_size=None, test_size=None, epochs=5),
+    "arc_easy": TaskSetting(max_length=128, train_size=1000, validation_size=200, test_size=500, epochs=3,
+                            scoring="choice_likelihood"),
+    "arc_challenge": TaskSetting(max_length=128, train_size=1000, validation_size=200, test_size=500, epochs=3,
+                                 scoring="choice_likelihood", normalize="chars"),
+    "openbookqa": TaskSetting(max_length=96, train_size=1000, validation_size=200, test_size=500, epochs=3,
+                              scoring="choice_likelihood", normalize="chars"),
+    "boolq": TaskSetting(max_length=192, train_size=1000, validation_size=200, test_size=500, epochs=3,
+                         scoring="choice_likelihood"),
+    "winogrande_s": TaskSetting(max_length=64, train_size=None, validation_size=None, test_size=500, epochs=5,
+                                scoring="choice_likelihood"),
+}
+"""Per task: sizes, epochs and scoring. Letters (answer tokens) stayed at chance for the fine-tuned
+MAP model on ARC-Easy (val ACC 0.25 after 2 epochs on 400 questions, train NLL at ln 4), so the
+question-answering tasks are scored by choice likelihood (lm-evaluation-harness ``acc``, or
+``acc_norm`` with ``normalize="chars"``), on cached activations like the answer-token tasks."""
+
+COMMON = dict(
+    model="smollm2", trainable_layers=2, r=8, alpha=16.0, lr=1e-2, batch_size=8, prior_sd=1.0,
+    lambda_max=0.03, scale_max=0.1, num_samples=4, target_modules=["q_proj", "v_proj", "lm_head"],
+    bayesian_modules=["q_proj", "lm_head"],
+)
+"""Shared settings: the demo's (README), fixed before the benchmark ran."""
+
+
+def experiment_config(task: str, data_dir: Optional[str], device: str, overrides: dict[str, Any]) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of ``task`` (data seed 0; the training seed varies per run)."""
+    setting = SETTINGS[task]
+    values = {**COMMON, **dataclasses.asdict(setting), **overrides}
+    return ExperimentConfig(task=task, methods=["delta"], seed=0, data_dir=data_dir, device=device, **values)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_path(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / task / method / f"seed{seed}.json"
+
+
+def _shift_sets(cfg: ExperimentConfig, prepared: Prepared) -> dict[str, list]:
+    """Test sets of the shifted tasks, restricted to questions the task's answer letters cover."""
+    from pyro_blora.tasks import load_benchmark, subsample
+
+    out = {}
+    for name in SHIFT.get(cfg.task, []):
+        splits = subsample(load_benchmark(name, data_dir=cfg.data_dir, seed=0), test=cfg.test_size, seed=0)
+        examples = [e for e in splits.test if len(e["choices"]) <= prepared.splits.num_classes]
+        cache = getattr(prepared.task, "cache", None)
+        out[name] = cache(examples, desc=f"caching {name}") if cache else examples
+    return out
+
+
+def _predict_all(result: Any, prepared: Prepared, shifted: dict[str, list], samples: int, seed: int) -> dict[str, Prediction]:
+    parts = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
+    return {name: result.predict(data, num_samples=samples, seed=seed) for name, data in parts.items()}
+
+
+def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction]) -> None:
+    """Probabilities first, the JSON last: a JSON on disk means the run finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, prediction in predictions.items():
+        tensors[f"{name}.sample_probs"] = prediction.sample_probs.contiguous()
+        tensors[f"{name}.labels"] = prediction.labels.contiguous()
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    record["metrics"] = {name: prediction.metrics() for name, prediction in predictions.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> Any:
+    from pyro_blora.experiment import _blora_config, _guide_options
+
+    config = _blora_config(cfg, prepared.net)
+    if method == "mc_dropout":
+        config = dataclasses.replace(config, dropout=0.1)
+    return fit(
+        prepared.net, prepared.train, guide=method, task=prepared.task, config=config,
+        guide_options=_guide_options(cfg, method), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        kl_weight=cfg.kl_weight, variance_lr_multiplier=cfg.variance_lr_multiplier, seed=seed, progress=False,
+    )
+
+
+def plan(task: str, methods: list[str], seeds: list[int], out: Path) -> list[tuple[str, int]]:
+    """The (method, seed) runs of ``task`` still to do: MAP first, with extra MAP seeds for the ensembles."""
+    runs = [(m, s) for s in seeds for m in methods]
+    if "delta" in methods:
+        runs += [("delta", max(seeds) + i) for i in range(1, ENSEMBLE_SIZE)]
+    todo = [(m, s) for m, s in runs if not run_path(out, task, m, s).exists()]
+    return sorted(set(todo), key=lambda ms: (ms[0] != "delta", ms[1], ms[0]))
+
+
+def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
+             overrides: dict[str, Any]) -> None:
+    """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once."""
+    if not todo:
+        _log(f"{task}: all runs finished")
+        return
+    cfg = experiment_config(task, data_dir, device, overrides)
+    start = time.perf_counter()
+    prepared = prepare(cfg, log=_log)
+    shifted = _shift_sets(cfg, prepared)
+    _log(f"{task}: prepared in {time.perf_counter() - start:.0f} s; {len(todo)} runs to do")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods")}
+    for method, seed in todo:
+        started = time.perf_counter()
+        result = _fit(cfg, prepared, method, seed)
+        seconds = time.perf_counter() - started
+        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        record = {"task": task, "method": method, "seed": seed, "train_seconds": seconds,
+                  "num_train": len(prepared.train), "settings": settings,
+                  "final_train_nll": (result.history.get("nll") or [float("nan")])[-1]}
+        write_run(run_path(out, task, method, seed), record, predictions)
+        _log(f"{task} {method} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+        if method == "delta" and cfg.scoring == "answer_token" and not run_path(out, task, "laplace", seed).exists():
+            # last-layer Laplace sits on this MAP run's weights, so it is fitted now or never; it needs an
+            # answer head (answer-token scoring): choice likelihood scores every vocabulary row
+            _laplace_run(result, cfg, prepared, shifted, out, task, seed, settings)
+        remove_adapters(prepared.net)
+
+
+def _laplace_run(map_result: Any, cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], out: Path,
+                 task: str, seed: int, settings: dict[str, Any]) -> None:
+    try:
+        from pyro_blora.laplace import laplace_from_map
+    except ImportError as err:
+        _log(f"laplace skipped: {err}")
+        return
+    started = time.perf_counter()
+    result = laplace_from_map(map_result, prepared.train, prepared.validation)
+    seconds = time.perf_counter() - started
+    predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+    record = {"task": task, "method": "laplace", "seed": seed, "train_seconds": seconds, "posthoc_of": "delta",
+              "num_train": len(prepared.train), "settings": settings}
+    write_run(run_path(out, task, "laplace", seed), record, predictions)
+    _log(f"{task} laplace seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+
+
+def _brief(prediction: Prediction) -> str:
+    m = prediction.metrics()
+    return f"acc {m['acc']:.3f} ece {m['ece']:.3f} nll {m['nll']:.3f}"
+
+
+def available_tasks(tasks: list[str], data_dir: Optional[str]) -> list[str]:
+    """``tasks`` whose data can be read; the others are skipped with the reason."""
+    from pyro_blora.tasks import load_benchmark
+
+    keep = []
+    for task in tasks:
+        if task.startswith("drug_reviews"):
+            keep.append(task)
+            continue
+        try:
+            load_benchmark(task, data_dir=data_dir)
+        except FileNotFoundError as err:
+            _log(f"skipping {task}: its data is not there ({str(err).splitlines()[0]})")
+            continue
+        keep.append(task)
+    return keep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=TRAINED, help=f"trained methods (default {TRAINED})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output", default="runs/calibration")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1, help="tasks run in this many parallel processes")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the table and plots")
+    parser.add_argument("--no-report", action="store_true", help="run only; leave the table to a later call")
+    parser.add_argument("--only", nargs="*", default=None, metavar="METHOD:SEED",
+                        help="run exactly these runs of the (single) task (used by --workers)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override an ExperimentConfig field for every task (JSON values), e.g. epochs=1")
+    return parser
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.output)
+    overrides = _overrides(args.set)
+    if not args.summary_only:
+        tasks = available_tasks(args.tasks, args.data_dir)
+        todo = {task: plan(task, args.methods, args.seeds, out) for task in tasks}
+        if args.only:
+            only = [(m, int(s)) for m, _, s in (r.partition(":") for r in args.only)]
+            todo = {task: [(m, s) for m, s in only if not run_path(out, task, m, s).exists()] for task in tasks}
+        if args.workers > 1:
+            _run_workers(todo, args)
+        else:
+            for task, runs in todo.items():
+                run_task(task, runs, out, args.data_dir, args.device, overrides)
+    if args.no_report:
+        return 0
+    from calibration_report import write_report
+
+    write_report(out, seeds=args.seeds, ensemble_size=ENSEMBLE_SIZE, shift=SHIFT)
+    return 0
+
+
+def _run_workers(todo: dict[str, list[tuple[str, int]]], args: argparse.Namespace) -> None:
+    """Spread the runs over ``args.workers`` subprocesses, each holding one task's model and cache.
+
+    A task's runs are cut into chunks so that all workers have work; a MAP run and
+    its Laplace fit stay together, and each chunk starts with its MAP runs.
+    """
+    total = sum(len(runs) for runs in todo.values())
+    per_worker = max(1, -(-total // args.workers))
+    jobs = [(task, runs[i:i + per_worker]) for task, runs in todo.items() for i in range(0, len(runs), per_worker)]
+    keep = [a for a in sys.argv[1:]]
+    base = [sys.executable, str(Path(__file__).resolve())] + keep + ["--workers", "1", "--no-report"]
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < args.workers:
+            task, runs = pending.pop(0)
+            running.append(subprocess.Popen(base + ["--tasks", task, "--only", *[f"{m}:{s}" for m, s in runs]]))
+        time.sleep(1)
+        running = [p for p in running if p.poll() is None]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
