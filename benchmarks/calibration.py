@@ -153,17 +153,22 @@ def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> A
     )
 
 
-def plan(task: str, methods: list[str], seeds: list[int], out: Path) -> list[tuple[str, int]]:
+def label(method: str, tag: Optional[str]) -> str:
+    """The folder and table name of ``method``'s runs: ``flow``, or ``flow-<tag>`` for a tagged variant."""
+    return f"{method}-{tag}" if tag else method
+
+
+def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Optional[str] = None) -> list[tuple[str, int]]:
     """The (method, seed) runs of ``task`` still to do: MAP first, with extra MAP seeds for the ensembles."""
     runs = [(m, s) for s in seeds for m in methods]
-    if "delta" in methods:
+    if "delta" in methods and not tag:
         runs += [("delta", max(seeds) + i) for i in range(1, ENSEMBLE_SIZE)]
-    todo = [(m, s) for m, s in runs if not run_path(out, task, m, s).exists()]
+    todo = [(m, s) for m, s in runs if not run_path(out, task, label(m, tag), s).exists()]
     return sorted(set(todo), key=lambda ms: (ms[0] != "delta", ms[1], ms[0]))
 
 
 def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
-             overrides: dict[str, Any]) -> None:
+             overrides: dict[str, Any], tag: Optional[str] = None) -> None:
     """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once."""
     if not todo:
         _log(f"{task}: all runs finished")
@@ -179,12 +184,12 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
         result = _fit(cfg, prepared, method, seed)
         seconds = time.perf_counter() - started
         predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
-        record = {"task": task, "method": method, "seed": seed, "train_seconds": seconds,
-                  "num_train": len(prepared.train), "settings": settings,
+        record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
+                  "num_train": len(prepared.train), "settings": settings, "overrides": overrides,
                   "final_train_nll": (result.history.get("nll") or [float("nan")])[-1]}
-        write_run(run_path(out, task, method, seed), record, predictions)
-        _log(f"{task} {method} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
-        if method == "delta" and cfg.scoring == "answer_token" and not run_path(out, task, "laplace", seed).exists():
+        write_run(run_path(out, task, label(method, tag), seed), record, predictions)
+        _log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+        if method == "delta" and not tag and cfg.scoring == "answer_token" and not run_path(out, task, "laplace", seed).exists():
             # last-layer Laplace sits on this MAP run's weights, so it is fitted now or never; it needs an
             # answer head (answer-token scoring): choice likelihood scores every vocabulary row
             _laplace_run(result, cfg, prepared, shifted, out, task, seed, settings)
@@ -242,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="tasks run in this many parallel processes")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the table and plots")
     parser.add_argument("--no-report", action="store_true", help="run only; leave the table to a later call")
+    parser.add_argument("--tag", default=None, help="store the runs as <method>-<tag> (a variant of the settings)")
     parser.add_argument("--only", nargs="*", default=None, metavar="METHOD:SEED",
                         help="run exactly these runs of the (single) task (used by --workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -268,15 +274,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = _overrides(args.set)
     if not args.summary_only:
         tasks = available_tasks(args.tasks, args.data_dir)
-        todo = {task: plan(task, args.methods, args.seeds, out) for task in tasks}
+        todo = {task: plan(task, args.methods, args.seeds, out, args.tag) for task in tasks}
         if args.only:
             only = [(m, int(s)) for m, _, s in (r.partition(":") for r in args.only)]
-            todo = {task: [(m, s) for m, s in only if not run_path(out, task, m, s).exists()] for task in tasks}
+            todo = {task: [(m, s) for m, s in only if not run_path(out, task, label(m, args.tag), s).exists()]
+                    for task in tasks}
         if args.workers > 1:
             _run_workers(todo, args)
         else:
             for task, runs in todo.items():
-                run_task(task, runs, out, args.data_dir, args.device, overrides)
+                run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag)
     if args.no_report:
         return 0
     from calibration_report import write_report

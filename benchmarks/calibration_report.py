@@ -133,10 +133,12 @@ def flow_vs_map(table: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[di
     """Per task: mean test ECE and NLL of flow and MAP and the relative change (negative = flow better)."""
     out = []
     for task, rows in table.items():
-        if "flow" in rows and "delta" in rows:
-            entry: dict[str, Any] = {"task": task}
+        for variant in (m for m in _ordered(rows) if m.startswith("flow") and "+" not in m):
+            if "delta" not in rows:
+                continue
+            entry: dict[str, Any] = {"task": task, "variant": variant}
             for key in ("ece", "nll"):
-                flow, base = rows["flow"][key][0], rows["delta"][key][0]
+                flow, base = rows[variant][key][0], rows["delta"][key][0]
                 entry[key] = {"map": base, "flow": flow, "relative_change": (flow - base) / base if base else math.nan}
             out.append(entry)
     return out
@@ -207,11 +209,12 @@ def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Map
     comparison = flow_vs_map(table)
     text = [markdown(table, f"Test split, mean ± std over seeds {seeds}")]
     if comparison:
-        text += ["## Bayesian-LoRA (flow) against MAP LoRA", "", "| task | ECE MAP % | ECE flow % | change | NLL MAP | NLL flow | change |",
-                 "|---|---|---|---|---|---|---|"]
+        text += ["## Bayesian-LoRA (flow) against MAP LoRA", "",
+                 "| task | flow | ECE MAP % | ECE flow % | change | NLL MAP | NLL flow | change |",
+                 "|---|---|---|---|---|---|---|---|"]
         for c in comparison:
             e, n = c["ece"], c["nll"]
-            text.append(f"| {c['task']} | {100 * e['map']:.1f} | {100 * e['flow']:.1f} | {100 * e['relative_change']:+.0f}% "
+            text.append(f"| {c['task']} | {c['variant']} | {100 * e['map']:.1f} | {100 * e['flow']:.1f} | {100 * e['relative_change']:+.0f}% "
                         f"| {n['map']:.3f} | {n['flow']:.3f} | {100 * n['relative_change']:+.0f}% |")
         text.append("")
     shifted = shift_markdown(runs, seeds, shift)

@@ -1,0 +1,75 @@
+"""Smoke test of the calibration benchmark runner on a tiny random Llama with the real tokenizer.
+
+One subprocess runs MAP (with its Laplace fit and the extra MAP seeds the
+ensemble needs) and flow on the drug reviews, plus the OpenBookQA -> ARC shift
+protocol when ../shared/data is there; a second call must find every run done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "calibration.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path):
+    from pyro_blora.tasks.benchmarks import default_data_dir
+
+    tasks = ["drug_reviews_binary"] + (["openbookqa"] if (default_data_dir() / "OpenBookQA").is_dir() else [])
+    common = ["--tasks", *tasks, "--methods", "delta", "flow", "--seeds", "0", "--output", str(tmp_path),
+              "--set", f"model={tiny_model_dir}", "train_size=12", "validation_size=8", "test_size=8", "epochs=1",
+              "trainable_layers=1", "max_length=48"]
+    first = _run(common)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    task_dir = tmp_path / "drug_reviews_binary"
+    assert sorted(p.name for p in (task_dir / "delta").glob("*.json")) == ["seed0.json", "seed1.json", "seed2.json"]
+    assert (task_dir / "laplace" / "seed0.json").exists() and (task_dir / "flow" / "seed0.safetensors").exists()
+    record = json.loads((task_dir / "flow" / "seed0.json").read_text())
+    assert record["settings"]["model"] == str(tiny_model_dir)
+    for split in ("validation", "test"):
+        assert 0.0 <= record["metrics"][split]["ece"] <= 1.0 and record["metrics"][split]["num_examples"] == 8
+
+    summary = (tmp_path / "summary.md").read_text()
+    for row in ("MAP LoRA", "MAP + temperature", "ensemble (3 MAP)", "last-layer Laplace", "B-LoRA flow"):
+        assert row in summary
+    assert "Bayesian-LoRA (flow) against MAP LoRA" in summary
+    table = json.loads((tmp_path / "summary.json").read_text())["table"]["drug_reviews_binary"]
+    assert table["ensemble"]["n"] == 1 and table["delta"]["n"] == 1
+    assert (tmp_path / "reliability_grid.png").stat().st_size > 10_000
+    if "openbookqa" in tasks:
+        shifted = json.loads((tmp_path / "openbookqa" / "delta" / "seed0.json").read_text())["metrics"]
+        assert {"shift.arc_easy", "shift.arc_challenge"} <= set(shifted)
+        assert "trained on openbookqa" in summary
+
+    again = _run(common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "all runs finished" in again.stderr
+    assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
