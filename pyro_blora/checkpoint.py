@@ -12,7 +12,12 @@ takes exactly the steps an uninterrupted one would have taken:
 * ``state.json``: step, data position (epoch and batches consumed in it),
   optimizer hyper-parameters, scheduler state, the rest of the RNG states
   (python ``random``, numpy scalars), training history, and the run's shape
-  (total steps, batch size, seed, data size) to refuse an incompatible resume.
+  (total steps, steps per epoch, seed, data size, processes, gradient
+  accumulation) to refuse an incompatible resume.
+
+Under ``accelerate launch`` the main process writes the checkpoint and every
+process reads it back: all processes share one random state and one data
+order (:mod:`pyro_blora.distributed`), so the main process's state is theirs.
 
 Only safetensors and JSON, never pickle. A checkpoint is written into a
 temporary folder that is renamed to ``step-<N>`` once complete; then

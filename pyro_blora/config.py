@@ -104,7 +104,10 @@ class TrainConfig:
 
     num_steps: Optional[int] = _help("Optimiser steps; if None, epochs * batches per epoch.", None)
     epochs: int = _help("Passes over the training data when num_steps is None.", 3)
-    batch_size: int = _help("Examples per step (when data is not already a DataLoader).", 8)
+    batch_size: int = _help(
+        "Examples per micro-batch and process (when data is not already a DataLoader); a step sees "
+        "batch_size * gradient_accumulation_steps * processes examples.", 8
+    )
     lr: float = _help("AdamW learning rate.", 5e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.01)
     variance_lr_multiplier: float = _help(
@@ -129,6 +132,19 @@ class TrainConfig:
         "Folder for checkpoints (safetensors + JSON; resume with fit(..., resume_from=folder)). "
         "None: no checkpoints.",
         None,
+    )
+    gradient_accumulation_steps: int = _help(
+        "Micro-batches per optimiser step; the update equals one batch of their union (one posterior draw per step).", 1
+    )
+    mixed_precision: Optional[str] = _help(
+        "'no' or 'bf16' (autocast of the network forward; guide, prior and KL stay float32/64); "
+        "None: accelerate launch's --mixed_precision, else 'no'.",
+        None,
+    )
+    device_placement: bool = _help(
+        "Move the network to accelerate's device for this process (its GPU under accelerate launch) before "
+        "training; models dispatched with device_map or holding quantized weights stay where they are.",
+        True,
     )
 
     def __post_init__(self) -> None:
@@ -161,6 +177,16 @@ class TrainConfig:
         )
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        _check(
+            isinstance(self.gradient_accumulation_steps, int) and not isinstance(self.gradient_accumulation_steps, bool)
+            and self.gradient_accumulation_steps >= 1,
+            f"gradient_accumulation_steps must be an integer >= 1, got {self.gradient_accumulation_steps!r}",
+        )
+        _check(
+            self.mixed_precision in (None, "no", "bf16"),
+            f"mixed_precision must be 'no', 'bf16' or None (accelerate's setting), got {self.mixed_precision!r}"
+            + ("; fp16 needs loss scaling, which fit does not do: use bf16" if self.mixed_precision == "fp16" else ""),
+        )
         _check(
             self.checkpoint_every is None or self.checkpoint_dir is not None,
             "checkpoint_every needs checkpoint_dir, the folder to write the checkpoints into",

@@ -139,6 +139,14 @@ def merge_posterior_mean(result: FitResult, num_samples: int = 256, seed: Option
     result is a plain network; in place unless ``copy_net`` (then ``result`` is
     left untouched). After an in-place merge, ``result`` no longer describes the net.
     """
+    quantized = [layer.layer_name for layer in adapted_layers(result.net) if not layer.base.weight.dtype.is_floating_point]
+    if quantized:
+        # adding a float update into int8 / packed 4-bit storage would silently corrupt the base
+        raise ValueError(
+            f"cannot merge into quantized base weights ({quantized[:3]}, dtype "
+            f"{adapted_layers(result.net)[0].base.weight.dtype}); serve the adapter unmerged, or export it "
+            "with export_peft and merge into a float copy of the base model"
+        )
     weights = posterior_mean_weights(result, num_samples, seed)
     net = copy.deepcopy(result.net) if copy_net else result.net
     for layer in adapted_layers(net):

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -48,13 +48,19 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
     The digest hashes a strided sample of each base weight, so it catches a
     different checkpoint of the same architecture without reading every value.
+    A quantized base (bitsandbytes ``Linear8bitLt`` / ``Linear4bit``: integer
+    storage, 4-bit packed two per byte) is recorded with the shape of the
+    ``(out, in)`` weight it stands for, and its digest samples the quantized
+    bytes: quantizing the same checkpoint the same way gives the same
+    fingerprint, while the unquantized checkpoint (other values) does not.
     """
     layers = adapted_layers(model)
     digest = hashlib.sha256()
     shapes = {}
     for layer in layers:
         weight = layer.base.weight.detach()
-        shapes[layer.layer_name] = list(weight.shape)
+        quantized = not weight.is_floating_point()
+        shapes[layer.layer_name] = [layer.out_features, layer.in_features] if quantized else list(weight.shape)
         flat = weight.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float32).cpu()
         digest.update(layer.layer_name.encode())
@@ -66,9 +72,14 @@ def save(result: FitResult, path: str | os.PathLike) -> Path:
     """Write ``result`` to the folder ``path`` (created if missing); returns the folder.
 
     Files are written to temporary names and renamed, so an interrupted save
-    never leaves a half-written adapter behind.
+    never leaves a half-written adapter behind. Under ``accelerate launch`` only
+    the main process writes (the others hold the same tensors).
     """
+    from .distributed import is_main_process
+
     folder = Path(path)
+    if not is_main_process():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -169,8 +180,16 @@ def load_fit_result(
     task: Optional[Task] = None,
     guide: Optional[GuideSpec] = None,
     check_base: bool = True,
+    *,
+    layer_factory: Optional[Callable[..., Any]] = None,
+    build_guide: Optional[Callable[[BayesianLoRAModel, dict[str, Any]], nn.Module]] = None,
 ) -> FitResult:
-    """The :class:`FitResult` (model, guide, settings) of an adapter folder; arguments as :func:`load`."""
+    """The :class:`FitResult` (model, guide, settings) of an adapter folder; arguments as :func:`load`.
+
+    A baseline trained by the same loop (BLoB) rebuilds its layers with ``layer_factory``
+    (see :func:`~pyro_blora.inject.inject_adapters`) and its guide with
+    ``build_guide(bayes_model, saved_guide_spec)``.
+    """
     meta = read_config(path)
     file = Path(path) / WEIGHTS_NAME
     if not file.is_file():
@@ -186,7 +205,7 @@ def load_fit_result(
     if adapted_layers(model):
         raise ValueError("load() needs a base model without adapters; it injects them itself")
     requires_grad = [(param, param.requires_grad) for param in model.parameters()]
-    inject_adapters(model, config)
+    inject_adapters(model, config, layer_factory)
     try:
         if check_base:
             _check_base(meta, model)
@@ -196,9 +215,12 @@ def load_fit_result(
         family = guide if guide is not None else spec["family"]
         from pyro_blora.guides import GUIDES
 
-        if isinstance(family, str) and family not in GUIDES:
+        if build_guide is not None:
+            bayes_guide = build_guide(bayes_model, spec)
+        elif isinstance(family, str) and family not in GUIDES:
             raise ValueError(f"the adapter was trained with a custom guide {family!r}; pass guide= with its class or factory")
-        bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
+        else:
+            bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
         result = FitResult(bayes_model, bayes_guide, config, config_from_dict(TrainConfig, meta["train_config"]), task)
         current = result.trainable_state()
         missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))

@@ -57,6 +57,10 @@ TRAIN_INVALID = [
     ("num_particles", 0, "num_particles must be >= 1"),
     ("eval_every", 0, "eval_every must be >= 1"),
     ("early_stopping_patience", 0, "early_stopping_patience must be >= 1"),
+    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be an integer >= 1"),
+    ("gradient_accumulation_steps", 2.0, "gradient_accumulation_steps must be an integer >= 1"),
+    ("mixed_precision", "fp16", "fp16 needs loss scaling, which fit does not do: use bf16"),
+    ("mixed_precision", "fp8", "mixed_precision must be 'no', 'bf16' or None"),
 ]
 
 
@@ -91,6 +95,8 @@ def test_edge_values_are_accepted() -> None:
     BLoRAConfig(target_modules=("q_proj",), bayesian_modules=["q_proj"])
     TrainConfig(num_steps=1, weight_decay=0.0, kl_weight=0.0, kl_warmup=0.0, max_grad_norm=None, warmup_steps=0)
     TrainConfig(kl_warmup=1.0, eval_every=1, early_stopping_patience=1, schedule="constant")
+    TrainConfig(gradient_accumulation_steps=1, mixed_precision="bf16", device_placement=False)
+    TrainConfig(gradient_accumulation_steps=16, mixed_precision="no")
 
 
 def test_tuple_targets_become_a_list() -> None:
