@@ -12,11 +12,15 @@ posterior, and get calibrated class probabilities::
 from typing import Any
 
 from .config import BLoRAConfig, TrainConfig
+from .ensemble import EnsembleResult, combine_predictions
 from .fit import fit
 from .inject import adapted_layers, inject_adapters, remove_adapters
 from .io import load, save
+from .laplace import LaplaceResult, laplace_from_map
+from .mc_dropout import MCDropoutResult
 from .model import BayesianLoRAModel
 from .result import FitResult, Prediction
+from .temperature import TemperatureScaledResult, apply_temperature, fit_temperature, temperature_scale
 
 __version__ = "0.1.0"
 
@@ -29,14 +33,23 @@ def evaluate(result: FitResult, data: Any, num_samples: int = 4, n_bins: int = 1
 __all__ = [
     "BLoRAConfig",
     "BayesianLoRAModel",
+    "EnsembleResult",
     "FitResult",
+    "LaplaceResult",
+    "MCDropoutResult",
     "Prediction",
+    "TemperatureScaledResult",
     "TrainConfig",
     "adapted_layers",
+    "apply_temperature",
+    "combine_predictions",
     "evaluate",
     "fit",
+    "fit_temperature",
     "inject_adapters",
+    "laplace_from_map",
     "load",
     "remove_adapters",
     "save",
+    "temperature_scale",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -24,6 +24,8 @@ from pyro_blora.models import BayesianLoRALinear, linear_shape
 from .config import BLoRAConfig
 
 __all__ = ["inject_adapters", "adapted_layers", "remove_adapters", "matches", "find_targets"]
+
+LayerFactory = Callable[..., BayesianLoRALinear]
 
 
 def matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
@@ -62,8 +64,14 @@ def _suffix_summary(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(suffixes)} names)" if len(suffixes) > limit else "") if suffixes else "(none)"
 
 
-def inject_adapters(model: nn.Module, config: BLoRAConfig) -> list[BayesianLoRALinear]:
-    """Freeze ``model`` and wrap every target module; return the new layers in module order."""
+def inject_adapters(
+    model: nn.Module, config: BLoRAConfig, layer_factory: Optional[LayerFactory] = None
+) -> list[BayesianLoRALinear]:
+    """Freeze ``model`` and wrap every target module; return the new layers in module order.
+
+    ``layer_factory(base, name, config, bayesian=...)`` builds each layer (default
+    :class:`BayesianLoRALinear`; BLoB passes its own, see :mod:`pyro_blora.blob`).
+    """
     if adapted_layers(model):
         raise ValueError("the model already carries Bayesian-LoRA adapters; call remove_adapters first")
     targets = find_targets(model, config.target_modules)
@@ -82,7 +90,7 @@ def inject_adapters(model: nn.Module, config: BLoRAConfig) -> list[BayesianLoRAL
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = BayesianLoRALinear(getattr(parent, child), name, config, bayesian=name in bayesian)
+        layer = (layer_factory or BayesianLoRALinear)(getattr(parent, child), name, config, bayesian=name in bayesian)
         setattr(parent, child, layer)
         layers.append(layer)
     return layers
