@@ -56,8 +56,11 @@ def write_plots(folder: str | Path, class_names: Optional[Sequence[str]] = None)
     plots.reliability_diagram(results, path=out("reliability.png"))
     plots.risk_coverage_curve(results, path=out("risk_coverage.png"))
     for method, run in runs.items():
-        history = {k: v for k, v in run["history"].items() if k in ("step", "elbo", "nll", "kl")}
-        plots.training_curves(history, path=out(f"training_curves_{method}.png"))
+        # an ensemble logs one history per member: plot the first member's
+        logged = run["history"][0] if isinstance(run["history"], list) and run["history"] else run["history"]
+        history = {k: v for k, v in logged.items() if k in ("step", "elbo", "nll", "kl")} if isinstance(logged, dict) else {}
+        if history.get("step"):
+            plots.training_curves(history, path=out(f"training_curves_{method}.png"))
     bayesian = [m for m, r in runs.items() if r["tensors"]["test_sample_probs"].shape[0] > 1]
     for method in bayesian[:1] or list(runs)[:1]:
         tensors = runs[method]["tensors"]
