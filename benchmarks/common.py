@@ -28,6 +28,9 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
     # seconds-long smoke runs
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    # SmolLM2-135M's exact shape with random weights: where the embedded model is not installed (a GPU box)
+    "smollm2_random": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     # 2x SmolLM2's width = 4x the parameters of every adapted/attention matrix; few blocks to stay fast
     "wide": dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=18,
                  num_key_value_heads=6, vocab_size=49152, tie_word_embeddings=True),

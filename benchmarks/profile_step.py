@@ -7,7 +7,11 @@
 table of ops by self CPU time (and self CUDA time on a GPU). ``python`` mode:
 ``cProfile`` over the same steps, the functions of pyro_blora (``pyro_blora/``,
 ``models/``, ``guides/``) and Pyro by cumulative time, which says where the
-per-step overhead that plain LoRA does not have comes from.
+per-step overhead that plain LoRA does not have comes from. ``phases`` mode:
+CPU time of a step's guide, model, ELBO terms, backward, clipping and optimiser
+(``--skeleton``: on the model's adapted layers alone, see ``skeleton.py``).
+
+    python benchmarks/profile_step.py --model smollm2 --skeleton --mode phases --guide flow --steps 20
 """
 
 from __future__ import annotations
@@ -105,11 +109,92 @@ def profile_python(args) -> str:
     return out.getvalue()
 
 
+def profile_phases(args) -> str:
+    """CPU time of each phase of a ``fit`` step (guide, model, ELBO terms, backward, clipping, optimiser),
+    on the model or (``--skeleton``) on its adapted layers alone; peft/plain LoRA for comparison."""
+    import statistics
+    import time
+
+    import pyro
+    import torch
+    from pyro import poutine
+    from pyro.poutine.util import prune_subsample_sites
+
+    import common
+    import skeleton
+    from pyro_blora.elbo import MeanFieldELBO
+    from pyro_blora.fit import KLScale, _fused
+    from pyro_blora.guides import BayesianLoRAGuide
+    from pyro_blora.inject import inject_adapters
+    from pyro_blora.model import BayesianLoRAModel
+    from pyro_blora.models.priors import shared_geometry
+    from pyro_blora.tasks import TensorTask
+
+    if args.skeleton:
+        net = skeleton.AdapterSkeleton.like(args.model)
+        task = TensorTask(num_classes=3)
+        batch = {"inputs": torch.randn(args.batch_size, net.layers[0].q_proj.in_features),
+                 "labels": torch.randint(0, 3, (args.batch_size,))}
+    else:
+        _, net, task, data = _setup(args)
+        batch = task.collate(data[: args.batch_size])
+    names = ["guide", "model", "elbo terms", "backward", "clip", "optimizer"]
+    rows = []
+    if args.guide == "peft":  # the plain LoRA step in the same phases: forward + loss, backward, clip, optimizer
+        net = skeleton.plain_lora(net) if args.skeleton else common.peft_model(net)
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        for _ in range(args.warmup + args.steps):
+            t = [time.thread_time()] * 2  # no guide
+            loss = torch.nn.functional.cross_entropy(task.class_logits(net, batch), batch["labels"])
+            t += [time.thread_time()] * 2  # no separate ELBO terms
+            loss.backward()
+            t.append(time.thread_time())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            t.append(time.thread_time())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t.append(time.thread_time())
+            rows.append([b - a for a, b in zip(t, t[1:])])
+        names[1] = "forward+loss"
+    else:
+        inject_adapters(net, common.blora_config())
+        model = BayesianLoRAModel(net, task, num_data=1000)
+        guide = BayesianLoRAGuide(model.factors, args.guide)
+        params = [p for m in (net, guide) for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **_fused(params))
+        scale, elbo = KLScale(0.5), MeanFieldELBO()
+        for _ in range(args.warmup + args.steps):
+            t = [time.thread_time()]
+            with shared_geometry(), pyro.validation_enabled(False):
+                guide_trace = poutine.trace(scale(guide)).get_trace(batch)
+                t.append(time.thread_time())
+                model_trace = poutine.trace(poutine.replay(scale(model), trace=guide_trace)).get_trace(batch)
+                t.append(time.thread_time())
+                loss, _ = elbo._differentiable_loss_particle(prune_subsample_sites(model_trace),
+                                                             prune_subsample_sites(guide_trace))
+                t.append(time.thread_time())
+            loss.backward()
+            t.append(time.thread_time())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            t.append(time.thread_time())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t.append(time.thread_time())
+            rows.append([b - a for a, b in zip(t, t[1:])])
+    med = [statistics.median(r[i] for r in rows[args.warmup:]) for i in range(len(names))]
+    where = f"{args.model} adapted layers alone" if args.skeleton else args.model
+    head = (f"phases of a step (median CPU ms of {args.steps} after {args.warmup}): {where}, guide {args.guide}, "
+            f"{len(params)} trainable tensors, {torch.get_num_threads()} thread(s)\n")
+    return head + "  ".join(f"{n} {1e3 * v:.1f}" for n, v in zip(names, med)) + f"  | total {1e3 * sum(med):.1f}"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 or a random model of common.py (tiny, wide, llama1b)")
     p.add_argument("--guide", default="flow", choices=["peft", "delta", "normal", "mvn", "flow"])
-    p.add_argument("--mode", default="both", choices=["torch", "python", "both"])
+    p.add_argument("--mode", default="both", choices=["torch", "python", "both", "phases"])
+    p.add_argument("--skeleton", action="store_true", help="phases mode: the model's adapted layers alone (skeleton.py)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -130,6 +215,8 @@ def main(argv=None) -> str:
             parts.append(profile_torch(args))
         if args.mode in ("python", "both"):
             parts.append(profile_python(args))
+        if args.mode == "phases":
+            parts.append(profile_phases(args))
     text = "\n\n".join(parts)
     print(text)
     if args.output:

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
+
+if TYPE_CHECKING:
+    from .batch import SiteBatch
 
 __all__ = ["InducingSite", "InducingGuide", "bounded_param", "bounded_value"]
 
@@ -84,6 +88,19 @@ class InducingGuide(nn.Module):
         """``E_q[U_w]``: exact where the family has it, else a Monte Carlo estimate."""
         with torch.no_grad():
             return self.distribution().rsample((num_samples,)).mean(0)
+
+    def batch_key(self) -> Hashable | None:
+        """Sites whose families return equal keys (not None) are drawn together by :meth:`draw_batch`.
+
+        None (the default, and what a subclass that changes ``distribution`` should
+        return) draws the site on its own. See :mod:`pyro_blora.guides.batch`.
+        """
+        return None
+
+    @classmethod
+    def draw_batch(cls, families: Sequence["InducingGuide"]) -> "SiteBatch":
+        """One reparameterised draw of every family in ``families`` (all with the same :meth:`batch_key`)."""
+        raise NotImplementedError(f"{cls.__name__} has no batched draw; its batch_key() must return None")
 
 
 def initial_loc(site: InducingSite) -> nn.Parameter:

@@ -9,11 +9,14 @@ why the conditional KL is dropped at ``lambda = 0``.
 
 from __future__ import annotations
 
+from typing import Hashable, Sequence
+
 from pyro.distributions import Delta
 from torch import Tensor
 from torch.distributions import Distribution
 
 from .base import InducingGuide, InducingSite, initial_loc
+from .batch import DeltaBatch, SiteBatch
 
 __all__ = ["DeltaGuide"]
 
@@ -30,3 +33,12 @@ class DeltaGuide(InducingGuide):
 
     def mean(self, num_samples: int = 256) -> Tensor:
         return self.loc.detach()
+
+    def batch_key(self) -> Hashable | None:
+        if type(self).distribution is not DeltaGuide.distribution:
+            return None
+        return ("delta", tuple(self.loc.shape), self.loc.dtype, self.loc.device)
+
+    @classmethod
+    def draw_batch(cls, families: Sequence[InducingGuide]) -> SiteBatch:
+        return DeltaBatch(families)

@@ -23,19 +23,23 @@ caches, so non-invertible-in-closed-form flows (neural autoregressive) work.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import math
+from typing import Callable, Hashable, Optional, Sequence, Union
 
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import Normal, TransformedDistribution
 from pyro.distributions.torch_transform import TransformModule
-from torch import nn
+from pyro.distributions.transforms.utils import clamp_preserve_gradients
+from pyro.nn import AutoRegressiveNN
+from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import ReshapeTransform
 
 from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
+from .batch import SiteBatch
 
-__all__ = ["FlowGuide", "FLOW_TRANSFORMS", "TransformSpec"]
+__all__ = ["FlowGuide", "FlowBatch", "FLOW_TRANSFORMS", "TransformSpec"]
 
 TransformSpec = Union[str, Callable[[int], TransformModule]]
 
@@ -137,3 +141,91 @@ class FlowGuide(InducingGuide):
             # or transforms without a closed-form inverse (planar, radial, NAF) cannot score it.
             chain.append(ReshapeTransform(torch.Size(shape), torch.Size([self.site.dim]), cache_size=1))
         return TransformedDistribution(base, chain)
+
+    def batch_key(self) -> Hashable | None:
+        """Equal for flows that :class:`FlowBatch` can run together: chains of plain MAFs of one shape."""
+        # the structure is fixed at construction; dtype and device follow .to()
+        cached = self.__dict__.get("_batch_key")
+        if cached is not None and cached[0] == (self.loc.dtype, self.loc.device):
+            return cached[1]
+        key = self._compute_batch_key()
+        self.__dict__["_batch_key"] = ((self.loc.dtype, self.loc.device), key)
+        return key
+
+    def _compute_batch_key(self) -> Hashable | None:
+        if type(self).distribution is not FlowGuide.distribution or type(self)._chain is not FlowGuide._chain:
+            return None
+        layout = []
+        for transform in self.transforms:
+            arn = getattr(transform, "arn", None)
+            if (
+                type(transform) is not T.AffineAutoregressive
+                or transform.stable
+                or type(arn) is not AutoRegressiveNN
+                or arn.skip_layer is not None
+                or arn.param_dims != [1, 1]
+                or type(arn.f) is not nn.ReLU
+            ):
+                return None
+            layout.append((tuple(arn.hidden_dims), transform.log_scale_min_clip, transform.log_scale_max_clip))
+        return ("flow", self.event_shape, tuple(layout), self.scale_max, self.loc.dtype, self.loc.device)
+
+    @classmethod
+    def draw_batch(cls, families: Sequence[InducingGuide]) -> SiteBatch:
+        return FlowBatch(families)
+
+
+class FlowBatch(SiteBatch):
+    """Flows of one :meth:`FlowGuide.batch_key`, run together with batched matrix products.
+
+    Each masked autoregressive transform ``y = exp(s(x)) * x + m(x)`` is evaluated
+    for all ``n`` sites at once: the sites' masked weights are stacked into
+    ``(n, out, in)`` and applied with ``baddbmm``, the clamp and the
+    log-determinant ``sum log_scale`` are those of Pyro's ``AffineAutoregressive``.
+    The log-density of the draw follows from the base noise and the log-determinants::
+
+        log q(u) = log N(u_0; mu, sigma^2) - sum_k sum log_scale_k.
+    """
+
+    has_kl = False  # no KL is registered for a TransformedDistribution: the ELBO scores the draw
+
+    def __init__(self, families: Sequence[FlowGuide]):
+        super().__init__(families)
+        first = families[0]
+        count = len(families)
+        width = first.event_shape[-1]
+        loc = torch.stack([f.loc for f in families]).reshape(count, -1, width)
+        self.scale = first.scale_max * torch.sigmoid(torch.stack([f.scale_rho for f in families])).reshape(loc.shape)
+        self.eps = torch.randn_like(loc)
+        x = loc + self.eps * self.scale
+        log_det = x.new_zeros(count)
+        for index in range(len(first.transforms)):
+            if index:
+                x = x[..., first.reversal]
+            x, log_scale = _masked_autoregressive([f.transforms[index] for f in families], x)
+            log_det = log_det + log_scale.sum((-2, -1))
+        self.log_det = log_det
+        self.values = x.reshape(count, -1)
+
+    def log_prob_all(self) -> Tensor:
+        dim = self.values.shape[-1]
+        base = -0.5 * self.eps.pow(2).sum((-2, -1)) - self.scale.log().sum((-2, -1)) - 0.5 * dim * math.log(2 * math.pi)
+        return base - self.log_det
+
+
+def _masked_autoregressive(transforms: Sequence[T.AffineAutoregressive], x: Tensor) -> tuple[Tensor, Tensor]:
+    """``AffineAutoregressive._call`` of ``n`` transforms on ``x`` (``n x rows x d``); returns y and log_scale."""
+    arns = [t.arn for t in transforms]
+    h = x
+    depth = len(arns[0].layers)
+    for index in range(depth):
+        layers = [arn.layers[index] for arn in arns]
+        weight = torch.stack([layer.weight for layer in layers]) * torch.stack([layer.mask for layer in layers])
+        bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+        h = torch.baddbmm(bias, h, weight.transpose(1, 2))
+        if index < depth - 1:
+            h = torch.relu(h)
+    mean, log_scale = h.reshape(*x.shape[:-1], 2, x.shape[-1]).unbind(-2)
+    first = transforms[0]
+    log_scale = clamp_preserve_gradients(log_scale, first.log_scale_min_clip, first.log_scale_max_clip)
+    return torch.exp(log_scale) * x + mean, log_scale

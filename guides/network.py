@@ -16,7 +16,11 @@ import pyro
 import torch
 from torch import Tensor, nn
 
+from pyro_blora.models.layer import factor_conditionals
+from pyro_blora.models.priors import shared_geometry
+
 from .base import InducingGuide, InducingSite
+from .batch import conditional_scales, site_distributions
 from .delta import DeltaGuide
 from .flow import FlowGuide
 from .mvn import MultivariateNormalGuide
@@ -118,14 +122,56 @@ class BayesianLoRAGuide(nn.Module):
     def site_guide(self, factor_name: str) -> InducingGuide:
         return self.sites[_key(factor_name)]
 
+    def _families(self) -> list[InducingGuide]:
+        """The site families in factor order (the ModuleDict keeps the order they were added in)."""
+        families = list(self.sites.values())
+        if len(families) != len(self._factors):
+            raise RuntimeError("the guide's sites no longer match its factors")
+        return families
+
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample every ``U`` and ``W`` site; return the ``W`` draws by site name."""
+        factors = self._factors
+        families = self._families()
         draws = {}
-        for factor in self._factors:
-            family = self.sites[_key(factor.site_name)]
-            u_value = pyro.sample(factor.site_u, family.distribution())
-            draws[factor.site_w] = pyro.sample(factor.site_w, factor.conditional(u_value, family.conditional_scale()))
+        # Everything is drawn ahead, batched across factors (kernel geometry, q(U), lambda,
+        # W | U), then handed to one Pyro site per factor; the geometry is shared with the
+        # model inside fit's block. A site whose U a handler replaced (replay, condition)
+        # gets its W | U from that value instead.
+        with shared_geometry(f.prior for f in factors):
+            u_dists = site_distributions(families)
+            u_drawn = [d.batch.rows()[d.index] for d in u_dists]
+            u_rows = [(d.batch.values, d.index) for d in u_dists]
+            lams, lam_rows = conditional_scales(families)
+            conditionals = factor_conditionals(factors, u_drawn, lams, u_rows, lam_rows)
+            for factor, u_dist, drawn, lam, conditional in zip(factors, u_dists, u_drawn, lams, conditionals):
+                u_value = pyro.sample(factor.site_u, u_dist)
+                if u_value is not drawn:
+                    conditional = factor.conditional(u_value, lam)
+                draws[factor.site_w] = pyro.sample(factor.site_w, conditional)
         return draws
+
+    @torch.no_grad()
+    def sample_weights(self, num_samples: int) -> dict[str, Tensor]:
+        """``num_samples`` joint draws of every ``W``, stacked: site ``*.W`` -> ``(S, rows, cols)``.
+
+        The same distribution as ``num_samples`` calls of the guide, drawn in one
+        batched pass over all factors and samples, without Pyro sites (prediction).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        factors = self._factors * num_samples
+        families = self._families() * num_samples
+        with shared_geometry(f.prior for f in self._factors):
+            members = site_distributions(families)
+            u_values = [m.rsample() for m in members]
+            lams, lam_rows = conditional_scales(families)
+            rows = [(m.batch.values, m.index) for m in members]
+            draws = [c.rsample() for c in factor_conditionals(factors, u_values, lams, rows, lam_rows)]
+        count = len(self._factors)
+        return {
+            f.site_w: torch.stack(draws[i::count]) for i, f in enumerate(self._factors)
+        }
 
     @torch.no_grad()
     def sample_inducing(self, num_samples: int) -> dict[str, Tensor]:
@@ -136,9 +182,10 @@ class BayesianLoRAGuide(nn.Module):
     def mean_weights(self, num_samples: int = 256) -> dict[str, Tensor]:
         """Posterior-mean factors ``E_q[W] = s T_r E_q[U] T_c`` (the noise has mean zero, U enters linearly)."""
         out = {}
-        for factor in self._factors:
-            family = self.sites[_key(factor.site_name)]
-            out[factor.site_w] = factor.conditional(family.mean(num_samples), 0.0).mean
+        with shared_geometry(f.prior for f in self._factors):
+            for factor in self._factors:
+                family = self.sites[_key(factor.site_name)]
+                out[factor.site_w] = factor.conditional(family.mean(num_samples), 0.0).mean
         return out
 
     def spec(self) -> Mapping[str, Any]:

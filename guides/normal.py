@@ -7,11 +7,14 @@ Monte Carlo for the ``U`` sites. ``sigma = scale_max * sigmoid(rho)`` starts at
 
 from __future__ import annotations
 
+from typing import Hashable, Sequence
+
 from pyro.distributions import Normal
 from torch import Tensor
 from torch.distributions import Distribution
 
 from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
+from .batch import NormalBatch, SiteBatch
 
 __all__ = ["NormalGuide"]
 
@@ -34,3 +37,12 @@ class NormalGuide(InducingGuide):
 
     def mean(self, num_samples: int = 256) -> Tensor:
         return self.loc.detach()
+
+    def batch_key(self) -> Hashable | None:
+        if type(self).distribution is not NormalGuide.distribution or type(self).scale is not NormalGuide.scale:
+            return None
+        return ("normal", tuple(self.loc.shape), self.scale_max, self.loc.dtype, self.loc.device)
+
+    @classmethod
+    def draw_batch(cls, families: Sequence[InducingGuide]) -> SiteBatch:
+        return NormalBatch(families)

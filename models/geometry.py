@@ -21,17 +21,20 @@ and log-determinant through the ``m_r m_c`` square matrix::
 
 ``S`` is formed from its second expression, which has no cancellation. All the
 ``m x m`` algebra runs in float64; results come back in the factor's dtype.
+
+:mod:`.batched` computes the same quantities for many factors at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["InducingGeometry", "CholeskyError", "robust_cholesky"]
+__all__ = ["InducingGeometry", "CholeskyError", "robust_cholesky", "batched_cholesky"]
 
 
 class CholeskyError(RuntimeError):
@@ -65,6 +68,27 @@ def robust_cholesky(matrix: Tensor, jitter: float = 1e-6, max_tries: int = 4, na
         f"Cholesky of the kernel matrix of {name or 'an inducing factor'} failed even with jitter "
         f"{float(added / 10):.3g}; raise BLoRAConfig.jitter (now {jitter:g}) or check Z and D for degeneracy"
     )
+
+
+def batched_cholesky(
+    matrices: Tensor, jitters: Sequence[float] | float = 1e-6, names: Sequence[str] | None = None
+) -> Tensor:
+    """Cholesky factors of a batch ``(n, m, m)`` of symmetric PD matrices in one call.
+
+    Matrices the plain factorisation rejects are redone one by one with
+    :func:`robust_cholesky` (growing jitter, an error naming the factor). One
+    host synchronisation per batch reads the failure flags.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    if not bool(info.any()):
+        return factor
+    count = matrices.shape[0]
+    jitters = [float(jitters)] * count if isinstance(jitters, (int, float)) else list(jitters)
+    names = list(names) if names is not None else [""] * count
+    rows = list(factor.unbind(0))
+    for index in info.nonzero().flatten().tolist():
+        rows[index] = robust_cholesky(matrices[index], jitters[index], name=names[index])
+    return torch.stack(rows)
 
 
 @dataclass(eq=False)

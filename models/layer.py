@@ -19,19 +19,20 @@ which evaluates several posterior samples in one forward.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import pyro
 import torch
 from torch import Tensor, nn
 
-from .conditional import InducingConditional
-from .priors import InducingPrior, build_prior
+from .batched import take_rows
+from .conditional import InducingConditional, batch_conditionals
+from .priors import InducingPrior, build_prior, inducing_matrices
 
 if TYPE_CHECKING:
     from pyro_blora.config import BLoRAConfig
 
-__all__ = ["InducingFactor", "BayesianLoRALinear", "linear_shape"]
+__all__ = ["InducingFactor", "BayesianLoRALinear", "linear_shape", "factor_conditionals"]
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -80,8 +81,58 @@ class InducingFactor(nn.Module):
         """Sample ``U`` from the prior and ``W | U`` (``lambda = 1``); return ``W``."""
         geometry = self.prior.geometry()
         u_value = pyro.sample(self.site_u, self.prior.site_distribution(geometry))
-        inducing = self.prior.inducing_matrix(u_value, geometry)
+        # U and the mean are built lazily: a replayed ELBO evaluation needs neither.
+        inducing = lambda: self.prior.inducing_matrix(u_value, geometry)  # noqa: E731
         return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, 1.0, source=u_value))
+
+
+RowRef = Optional[tuple[Tensor, int]]
+"""Where a per-factor value sits in a stacked tensor: ``(stack, position)``, or None if it stands alone."""
+
+
+def _stack(values: Sequence[Tensor], refs: Sequence[RowRef] | None) -> Tensor:
+    """``torch.stack(values)``, or the rows of the one stack they were taken from (no split and re-stack)."""
+    if refs is not None and all(r is not None for r in refs) and all(r[0] is refs[0][0] for r in refs):  # type: ignore[index]
+        return take_rows(refs[0][0], [r[1] for r in refs])  # type: ignore[index]
+    return torch.stack(list(values))
+
+
+def factor_conditionals(
+    factors: Sequence[InducingFactor],
+    u_values: Sequence[Tensor],
+    lams: Sequence[Tensor | float],
+    u_rows: Sequence[RowRef] | None = None,
+    lam_rows: Sequence[RowRef] | None = None,
+) -> list[InducingConditional]:
+    """``[f.conditional(u, lam)]`` for many factors, each with one draw made ahead, batched per factor shape.
+
+    Factors that share their shape, inducing shape, output scale, dtype and
+    device, and are all point masses (``lam`` the number 0) or all not, go
+    through one :func:`~pyro_blora.models.conditional.batch_conditionals`.
+    Geometries come from :meth:`InducingPrior.geometry` (batched and shared
+    inside :func:`~pyro_blora.models.priors.shared_geometry`). ``u_rows`` and
+    ``lam_rows`` say where the values sit in stacked tensors, if they do.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, (factor, lam) in enumerate(zip(factors, lams)):
+        param = factor.prior.z_rows
+        point_mass = not isinstance(lam, Tensor) and float(lam) == 0.0
+        key = (factor.shape, factor.prior.inducing_shape, factor.scale, param.dtype, param.device, point_mass)
+        groups.setdefault(key, []).append(index)
+    out: list = [None] * len(factors)
+    for key, indices in groups.items():
+        members = [factors[i] for i in indices]
+        geometries = [f.prior.geometry() for f in members]
+        sources = [u_values[i] for i in indices]
+        stacked = _stack(sources, None if u_rows is None else [u_rows[i] for i in indices])
+        inducing = inducing_matrices([f.prior for f in members], stacked, geometries)
+        lam = None
+        if not key[-1]:
+            values = [torch.as_tensor(lams[i], dtype=key[3], device=key[4]) for i in indices]
+            lam = _stack(values, None if lam_rows is None else [lam_rows[i] for i in indices])
+        for index, conditional in zip(indices, batch_conditionals(geometries, inducing, key[2], lam, sources)):
+            out[index] = conditional
+    return out
 
 
 class BayesianLoRALinear(nn.Module):

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import pyro
 import torch
-from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +28,8 @@ from pyro_blora.models.priors import shared_geometry
 
 from .checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, save_checkpoint, seed_epoch
 from .config import BLoRAConfig, TrainConfig, config_from_dict
+from .distributed import ScaleOut
+from .elbo import MeanFieldELBO
 from .inject import adapted_layers, inject_adapters
 from .io import ensure_writable
 from .methods import METHODS
@@ -94,6 +95,16 @@ def _param_groups(modules: Iterable[nn.Module], train: TrainConfig) -> list[dict
     return groups
 
 
+def _fused(params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """``fused=True`` where torch has AdamW's fused kernel for all ``params``: a Bayesian-LoRA
+    network has about ten small tensors per factor, and the per-tensor loop costs more than the math."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return {"fused": True} if ok else {}
+
+
 def _non_finite_report(loss: Any, step: int, model: nn.Module, guide: nn.Module) -> str:
     """Name where a non-finite loss came from: a diverged parameter, else the data or the likelihood."""
     bad = [
@@ -112,7 +123,7 @@ def _non_finite_report(loss: Any, step: int, model: nn.Module, guide: nn.Module)
 def fit(
     model: nn.Module,
     data: Union[Dataset, DataLoader, Sequence[Any]],
-    guide: Union[GuideSpec, BayesianLoRAGuide] = "flow",
+    guide: Union[GuideSpec, nn.Module] = "flow",
     *,
     task: Optional[Task] = None,
     config: Union[BLoRAConfig, dict, None] = None,
@@ -132,7 +143,8 @@ def fit(
         guide: ``"flow"`` (default), ``"normal"``, ``"mvn"``, ``"delta"`` (MAP,
             plain LoRA), a baseline of :data:`pyro_blora.methods.METHODS` (``"mc_dropout"``,
             ``"ensemble"``, ``"blob"``, ``"laplace"``), an :class:`~pyro_blora.guides.InducingGuide` subclass, a
-            ``factory(site)``, or a ready :class:`~pyro_blora.guides.BayesianLoRAGuide`.
+            ``factory(site)``, or a ready guide module (a :class:`~pyro_blora.guides.BayesianLoRAGuide`,
+            or :class:`~pyro_blora.guides.BLoBGuide` over injected BLoB layers).
         task: turns batches into class logits; default :class:`~pyro_blora.tasks.TensorTask`.
         config: where the adapters go and their prior (:class:`BLoRAConfig` or dict).
         guide_options: keyword arguments of the guide family (``transforms``,
@@ -155,7 +167,8 @@ def fit(
             callbacks=callbacks, resume_from=resume_from, **options,
         )
     train = config_from_dict(TrainConfig, options)
-    if train.checkpoint_dir is not None:
+    scale = ScaleOut(train)  # this process under accelerate (one process: no-op), precision, accumulation
+    if train.checkpoint_dir is not None and scale.is_main_process:
         ensure_writable(Path(train.checkpoint_dir))
     if val_data is None and (train.eval_every or train.early_stopping_patience):
         raise ValueError("eval_every and early_stopping_patience need val_data (a validation split, never the test split)")
@@ -175,16 +188,19 @@ def fit(
     torch.manual_seed(train.seed)
     pyro.set_rng_seed(train.seed)
 
-    loader = make_loader(data, task, train.batch_size, shuffle=True, seed=train.seed)
+    scale.place(model)
+    loader = scale.shard(make_loader(data, task, train.batch_size, shuffle=True, seed=train.seed))
     num_data = len(loader.dataset)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = scale.steps_per_epoch(loader)
     total = train.num_steps or train.epochs * steps_per_epoch
 
     if not existing:
         inject_adapters(model, config)
     bayes_model = BayesianLoRAModel(model, task, num_data)
-    if isinstance(guide, BayesianLoRAGuide):
+    bayes_model.network_precision = scale.network_precision
+    if isinstance(guide, nn.Module):  # a ready guide: BayesianLoRAGuide, or a baseline's (BLoBGuide)
         bayes_guide = guide
+        scale.place(bayes_guide)
     else:
         bayes_guide = BayesianLoRAGuide(
             bayes_model.factors, guide, config.lambda_init, config.lambda_max, **(guide_options or {})
@@ -193,9 +209,9 @@ def fit(
 
     groups = _param_groups([model, bayes_guide], train)
     params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **_fused(params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.schedule, train.warmup_steps, total))
-    elbo = TraceMeanField_ELBO(num_particles=train.num_particles)
+    elbo = MeanFieldELBO(num_particles=train.num_particles)  # TraceMeanField_ELBO without unused log_probs
     kl_scale = KLScale()
     scaled_model, scaled_guide = kl_scale(bayes_model), kl_scale(bayes_guide)
     warmup_steps = max(1, round(train.kl_warmup * total))
@@ -204,10 +220,12 @@ def fit(
     best = (math.inf, None)
     stale = 0
     epoch, skip = 0, 0
-    run = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed}
+    run = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
+           "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         restore_checkpoint(ckpt, result, optimizer, scheduler, run)
+        scale.share_random_state()  # the main process's states hold for every process (and its GPU)
         state.step, (epoch, skip) = ckpt.step, ckpt.position
         extra = ckpt.meta["extra"]
         state.history, state.validation, stale = extra["history"], extra["validation"], extra["stale"]
@@ -221,39 +239,43 @@ def fit(
                         batch_index=position[1], run=run, extra=extra, best=best[1])
 
     start_step = state.step
+
+    def elbo_loss(batch: Any) -> tuple[torch.Tensor, float]:
+        bayes_model.particle_nll.clear()
+        # Pyro's argument and shape checks run on the first step only: after that
+        # they cost a host sync per site and check what the first step checked.
+        with shared_geometry(), pyro.validation_enabled(state.step == start_step):
+            loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
+        return loss, bayes_model.last_nll
+
     model.train()
-    bar = tqdm(total=total, initial=state.step, desc=f"fit[{bayes_guide.family_name}]", disable=not train.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, desc=f"fit[{bayes_guide.family_name}]",
+               disable=not (train.progress and scale.is_main_process), dynamic_ncols=True)
     interrupt = deferred_interrupt(train.checkpoint_dir is not None)  # Ctrl-C: checkpoint after the current step
     interrupted = interrupt.__enter__()
     try:
         while state.step < total:
             seed_epoch(loader, train.seed, epoch)  # the order of each epoch is reproducible, for resuming
-            for batch_index, batch in enumerate(loader):
-                if batch_index < skip:
-                    continue
+            for consumed, batches in scale.micro_batches(loader, skip):
                 if state.step >= total:
                     break
                 kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
                 optimizer.zero_grad(set_to_none=True)
-                bayes_model.particle_nll.clear()
-                try:
-                    # Pyro's argument and shape checks run on the first step only: after that
-                    # they cost a host sync per site and check what the first step checked.
-                    with shared_geometry(), pyro.validation_enabled(state.step == start_step):
-                        loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
-                except FloatingPointError as err:
-                    raise FloatingPointError(_non_finite_report(str(err), state.step, model, bayes_guide)) from err
-                if not torch.isfinite(loss):
+                # gradients of the global batch (micro-batches, processes) averaged into params' .grad
+                outcome = scale.step(elbo_loss, batches, params)
+                if outcome.error is not None:
+                    report = _non_finite_report(str(outcome.error), state.step, model, bayes_guide)
+                    raise FloatingPointError(report) from outcome.error
+                if not math.isfinite(outcome.loss):
                     raise FloatingPointError(
-                        f"the loss became {float(loss.detach())} at step {state.step}; lower lr, raise jitter, "
+                        f"the loss became {outcome.loss} at step {state.step}; lower lr, raise jitter, "
                         "or check the inputs for NaN"
                     )
-                loss.backward()
                 if train.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                state.record(float(loss.detach()), bayes_model.last_nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
+                state.record(outcome.loss, outcome.nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
                 bar.update(1)
                 bar.set_postfix(state.postfix(), refresh=False)
                 if val_data is not None and train.eval_every and state.step % train.eval_every == 0:
@@ -268,12 +290,13 @@ def fit(
                 for callback in callbacks:
                     if callback(state):
                         state.stop = True
-                position = (epoch, batch_index + 1) if batch_index + 1 < steps_per_epoch else (epoch + 1, 0)
-                if train.checkpoint_dir is not None and (
-                    interrupted.is_set() or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
+                state.stop, interrupt_now = scale.agree(state.stop, interrupted.is_set())  # all processes alike
+                position = (epoch, consumed) if consumed < len(loader) else (epoch + 1, 0)
+                if train.checkpoint_dir is not None and scale.is_main_process and (
+                    interrupt_now or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
                 ):
                     checkpoint(position)
-                if interrupted.is_set():
+                if interrupt_now:
                     raise KeyboardInterrupt(f"interrupted after step {state.step}; checkpoint in {train.checkpoint_dir}")
                 if state.stop:
                     break

@@ -12,7 +12,8 @@ scales its log-likelihood by ``N / B`` (unbiased for the full-data ELBO).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Callable, ContextManager, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_blora.models import BayesianLoRALinear, InducingFactor
+from pyro_blora.models import BayesianLoRALinear, BLoBLinear, InducingFactor
 
 from .inject import adapted_layers
 from .tasks.base import Task
@@ -65,6 +66,9 @@ class BayesianLoRAModel(nn.Module):
         self.layers: list[BayesianLoRALinear] = layers
         self.factors: list[InducingFactor] = [f for layer in layers for f in layer.factors]
         self.particle_nll: list[float] = []  # per-example NLL of each particle since the last reset
+        # Context of the network forward only (fit sets bf16 autocast here, see pyro_blora.distributed):
+        # the adapters' sampling, the prior and the KL stay outside it, in full precision.
+        self.network_precision: Callable[[], ContextManager[Any]] = contextlib.nullcontext
 
     @property
     def last_nll(self) -> float:
@@ -79,13 +83,17 @@ class BayesianLoRAModel(nn.Module):
     def set_adapter_weights(self, weights: Mapping[str, Tensor]) -> None:
         """Put given factor draws (site name ``*.W`` -> tensor, optionally with a sample dim) into the layers."""
         for layer in self.layers:
-            if layer.bayesian:
+            if isinstance(layer, BLoBLinear):  # only A is random; B is the layer's parameter
+                layer.set_adapter_weights(weights[layer.site_w])
+            elif layer.bayesian:
                 layer.set_adapter_weights(weights[layer.lora_A.site_w], weights[layer.lora_B.site_w])
 
     def class_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Sample the adapters, then the task's class logits for ``batch``."""
         self.sample_adapters()
-        return self.task.class_logits(self.net, batch)
+        with self.network_precision():
+            logits = self.task.class_logits(self.net, batch)
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         if "labels" not in batch:

@@ -135,6 +135,9 @@ class FitResult:
         """``num_samples`` joint draws of every Bayesian factor, stacked: site ``*.W`` -> ``(S, rows, cols)``."""
         from pyro_blora.models.priors import shared_geometry
 
+        batched = getattr(self.guide, "sample_weights", None)
+        if batched is not None:  # BayesianLoRAGuide: all samples in one batched pass
+            return batched(num_samples)
         with shared_geometry():
             draws = [self.guide() for _ in range(num_samples)]
         return {name: torch.stack([d[name] for d in draws]) for name in draws[0]}

@@ -7,6 +7,7 @@ import once), so the module takes well under a minute. No real model is loaded:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -62,19 +63,28 @@ def _positive(value, what: str) -> None:
 def test_speed_json(runs):
     out, logs = runs
     data = json.loads((out / "speed.json").read_text())
-    assert {"settings", "training", "ratios", "prediction", "layers", "targets", "checks", "env"} <= set(data)
+    assert {"settings", "models", "layers", "targets", "checks", "env"} <= set(data)
     assert data["settings"]["tiny"] is True and data["settings"]["threads"] == 1
-    assert list(data["training"]) == ["tiny"]
-    methods = data["training"]["tiny"]
-    assert set(methods) == {"peft", "delta", "normal", "flow"}
-    for method, res in methods.items():
-        _positive(res["median_step_s"], f"{method} step")
-        assert len(res["step_times_s"]) == data["settings"]["steps"]
-        _positive(res["trainable_params"], f"{method} params")
-        assert res["peak_memory_mb"] >= 0 and math.isfinite(res["peak_memory_mb"])
-        _positive(data["ratios"]["tiny"][method]["step"], f"{method} step ratio")
-    assert data["ratios"]["tiny"]["peft"]["step"] == pytest.approx(1.0)
-    prediction = data["prediction"]["tiny"]
+    assert data["settings"]["clock"] == "cpu"
+    assert list(data["models"]) == ["tiny"]
+    tiny = data["models"]["tiny"]
+    methods = tiny["methods"]
+    assert list(methods) == ["peft", "delta", "normal", "flow"]
+    for method, row in methods.items():
+        _positive(row["median_step_s"], f"{method} step")
+        _positive(row["median_wall_s"], f"{method} wall step")
+        assert len(row["step_times_s"]) == data["settings"]["steps"]
+        _positive(row["trainable_params"], f"{method} params")
+        assert row["peak_memory_mb"] >= 0 and math.isfinite(row["peak_memory_mb"])
+        _positive(row["step_ratio"], f"{method} step ratio")
+    assert methods["peft"]["step_ratio"] == pytest.approx(1.0)
+    for method in ("delta", "normal", "flow"):  # what each adds on the adapted layers alone
+        assert math.isfinite(methods[method]["adapter_extra_s"])
+        _positive(methods[method]["step_ratio_adapters"], f"{method} estimated ratio")
+        _positive(methods[method]["adapter_plain_step_s"], "plain LoRA on the adapted layers")
+    assert methods["flow"]["trainable_params"] > methods["peft"]["trainable_params"]
+    assert len(tiny["loadavg_before"]) == 3
+    prediction = tiny["prediction"]
     _positive(prediction["lora_forward_s"], "LoRA forward")
     assert set(prediction["guides"]["flow"]) == {"1", "4", "10"}
     for n, v in prediction["guides"]["flow"].items():
@@ -87,9 +97,43 @@ def test_speed_json(runs):
         for count, v in per.items():
             _positive(v["median_step_s"], f"layers {method}/{count}")
             _positive(v["per_layer_s"], f"layers {method}/{count} per layer")
-        _positive(layers["per_layer_growth"][method], f"growth {method}")
+        assert math.isfinite(layers["growth"][method])
     assert all(isinstance(ok, bool) for ok in data["checks"].values())
-    assert "x peft" in logs["speed"] and "per-layer overhead" in logs["speed"]
+    assert {"tiny/flow/step", "tiny/flow/memory", "tiny/flow/predict4", "layers/flow/flat"} <= set(data["checks"])
+    assert "x peft" in logs["speed"] and "per-layer overhead" in logs["speed"] and "targets:" in logs["speed"]
+
+
+def test_interleaved_loops_take_turns_and_time_their_own_steps():
+    """The baton of interleave.py: loops alternate step by step; a failing loop's error reaches the caller."""
+    spec = importlib.util.spec_from_file_location("interleave", BENCH / "interleave.py")
+    interleave = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interleave)
+    order: list[str] = []
+
+    def loop(name: str, steps: int):
+        def run(clock):
+            for _ in range(steps):
+                order.append(name)
+                sum(i * i for i in range(2000))  # some CPU work on this thread
+                clock()
+            return name
+
+        return run
+
+    results, clocks = interleave.run_interleaved([loop("a", 3), loop("b", 2), loop("c", 3)])
+    assert results == ["a", "b", "c"]
+    assert order == ["a", "b", "c", "a", "b", "c", "a", "c"]
+    for clock, steps in zip(clocks, (3, 2, 3)):
+        times = clock.step_times(0)
+        assert len(times["wall"]) == len(times["cpu"]) == steps
+        assert all(t > 0 for t in times["cpu"])
+
+    def broken(clock):
+        clock()
+        raise RuntimeError("step 2 failed")
+
+    with pytest.raises(RuntimeError, match="step 2 failed"):
+        interleave.run_interleaved([loop("a", 3), broken])
 
 
 def test_scale_outputs(runs):
