@@ -81,7 +81,7 @@ class PlainLoRALinear(nn.Module):
 
 def plain_lora(net: nn.Module, targets: Any = tuple(common.TARGET_MODULES)) -> nn.Module:
     """Wrap every ``nn.Linear`` of ``net`` whose name ends in one of ``targets`` (all if None) in :class:`PlainLoRALinear`."""
-    for name, module in list(net.named_modules()):
+    for _, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (targets is None or child_name in targets):
                 setattr(module, child_name, PlainLoRALinear(child))
