@@ -38,10 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from safetensors.torch import save_file
 
-from pyro_blora import BLoRAConfig, fit
+from pyro_blora import fit
 from pyro_blora.experiment import ExperimentConfig, Prepared, prepare
 from pyro_blora.inject import remove_adapters
 from pyro_blora.result import Prediction
