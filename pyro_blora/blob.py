@@ -116,13 +116,6 @@ class BLoBResult(FitResult):
 
     method = "blob"
 
-    @classmethod
-    def from_fit_result(cls, result: FitResult) -> "BLoBResult":
-        """The same modules, guide and history, as a :class:`BLoBResult`."""
-        out = cls(result.model, result.guide, result.config, result.train_config, result.task)
-        out.history, out.validation = result.history, result.validation
-        return out
-
     @property
     def is_deterministic(self) -> bool:
         """False: every draw of ``A`` is a different network."""

@@ -25,13 +25,12 @@ import dataclasses
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import BLoRAConfig, config_from_dict
 from .inject import adapted_layers
-from .result import FitResult, Prediction
+from .result import FitResult
 from .tasks.base import Task
 
 __all__ = ["MCDropoutResult", "fit_mc_dropout", "load_mc_dropout", "DEFAULT_DROPOUT"]
@@ -57,13 +56,6 @@ class MCDropoutResult(FitResult):
         super().__init__(*args, **kwargs)
         _check_dropout(self.model.layers)
 
-    @classmethod
-    def from_fit_result(cls, result: FitResult) -> "MCDropoutResult":
-        """Wrap a fitted result (same modules, same guide) so that prediction keeps the LoRA dropout on."""
-        out = cls(result.model, result.guide, result.config, result.train_config, result.task)
-        out.history, out.validation = result.history, result.validation
-        return out
-
     @property
     def is_deterministic(self) -> bool:
         """Always False: every mask is a different network."""
@@ -88,23 +80,6 @@ class MCDropoutResult(FitResult):
             for layer in self.model.layers:
                 layer.dropout.train()
             yield
-
-    @torch.no_grad()
-    def predict(
-        self,
-        data: Union[Dataset, DataLoader, Sequence[Any]],
-        num_samples: int = 4,
-        batch_size: int = 8,
-        stack_samples: bool = True,
-        seed: Optional[int] = None,
-    ) -> Prediction:
-        """MC-dropout predictive: the average of ``num_samples`` masked forwards (see the class docstring)."""
-        if seed is None:
-            return super().predict(data, num_samples=num_samples, batch_size=batch_size, stack_samples=stack_samples)
-        devices = sorted({p.device.index or 0 for p in self.net.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)  # the masks are drawn in the forwards, not in sample_weights
-            return super().predict(data, num_samples=num_samples, batch_size=batch_size, stack_samples=stack_samples)
 
 
 def _check_dropout(layers: Sequence[nn.Module]) -> None:

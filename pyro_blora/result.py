@@ -173,13 +173,15 @@ class FitResult:
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        samples = 1 if self.is_deterministic else num_samples
-        if seed is None:
-            weights = self.sample_weights(samples)
-        else:  # a private stream: the caller's global RNG state is left as it was
-            with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            # a private stream for everything random in the prediction (weight draws, dropout masks,
+            # Flipout signs): the caller's global RNG state is left as it was
+            devices = sorted({p.device.index or 0 for p in self.net.parameters() if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                weights = self.sample_weights(samples)
+                return self.predict(data, num_samples, batch_size, stack_samples, seed=None)
+        samples = 1 if self.is_deterministic else num_samples
+        weights = self.sample_weights(samples)
         loader = make_loader(data, self.task, batch_size, shuffle=False)
         all_probs, all_labels = [], []
         with self._eval_mode():
@@ -222,6 +224,13 @@ class FitResult:
         for key, value in self.guide.state_dict().items():
             state[f"guide.{key}"] = value
         return state
+
+    @classmethod
+    def from_fit_result(cls, result: "FitResult") -> "FitResult":
+        """The same modules, guide, settings and history, as an instance of ``cls`` (a method's own result type)."""
+        out = cls(result.model, result.guide, result.config, result.train_config, result.task)
+        out.history, out.validation = result.history, result.validation
+        return out
 
     def state_dict_copy(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.trainable_state().items()}
