@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .config import BLoRAConfig, TrainConfig
     from .model import BayesianLoRAModel
 
-__all__ = ["FitResult", "Prediction", "TrainingState", "make_loader"]
+__all__ = ["FitResult", "Prediction", "TrainingState", "combine_predictions", "make_loader"]
 
 
 def make_loader(
@@ -256,3 +256,32 @@ def _repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
         k: v.repeat(times, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim() > 0 else v
         for k, v in batch.items()
     }
+
+
+def combine_predictions(predictions: Sequence[Prediction]) -> Prediction:
+    """The equally weighted mixture of several predictives of the same examples.
+
+    ``probs = mean_m probs_m`` and ``sample_probs`` concatenates the members'
+    samples (``k * S`` slices), so the uncertainty split of
+    :func:`pyro_blora.metrics.uncertainty_decomposition` counts the spread
+    between members as epistemic. Every prediction must have the same number of
+    samples (each member then weighs the same), examples, classes and labels.
+    """
+    predictions = list(predictions)
+    if not predictions:
+        raise ValueError("combine_predictions needs at least one Prediction, got an empty list")
+    first = predictions[0]
+    for i, other in enumerate(predictions[1:], start=1):
+        if other.sample_probs.shape != first.sample_probs.shape:
+            raise ValueError(
+                f"prediction {i} has sample_probs of shape {tuple(other.sample_probs.shape)}, prediction 0 "
+                f"{tuple(first.sample_probs.shape)}: combine predictions of the same examples and classes with the "
+                "same num_samples"
+            )
+        if (first.labels is None) != (other.labels is None) or (
+            first.labels is not None and not torch.equal(first.labels.cpu(), other.labels.cpu())
+        ):
+            raise ValueError(f"prediction {i} has other labels than prediction 0: they are not of the same examples")
+    sample_probs = torch.cat([p.sample_probs for p in predictions])
+    probs = torch.stack([p.probs for p in predictions]).mean(0)
+    return Prediction(probs, sample_probs, first.labels)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .base import on_model_device
-from .causal_lm import AnswerTokenTask, ChoiceLikelihoodTask, choice_scores
+from .causal_lm import AnswerTokenTask, ChoiceLikelihoodTask
+from .scoring import choice_scores
 
 __all__ = ["split_decoder", "CachedPrefixTask", "CachedChoiceTask", "cached_task"]
 

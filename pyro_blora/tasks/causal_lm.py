@@ -13,9 +13,7 @@ classification ``{"text", "label"}``.
 Token NLL and perplexity live in :mod:`pyro_blora.tasks.language_modeling`.
 
 Records with fewer choices than ``num_classes`` (ARC mixes 3, 4 and 5) get
-:data:`MASKED_LOGIT` for the missing classes: ``exp(-1e4)`` underflows to exactly
-zero probability in float16/32, yet the value stays finite under scaling or
-subtraction, unlike ``-inf``.
+:data:`~pyro_blora.tasks.scoring.MASKED_LOGIT` for the missing classes.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_blora.tasks.base import model_inputs, on_model_device
+from pyro_blora.tasks.scoring import MASKED_LOGIT, choice_scores
 
 __all__ = [
     "MC_TEMPLATE",
@@ -48,7 +47,6 @@ MC_CONTEXT_TEMPLATE = (
     "Choices: {choices} Answer:"
 )
 CLASSIFICATION_TEMPLATE = "Text: {text}\nAnswer:"
-MASKED_LOGIT = -1e4
 _TRUNCATE_FIRST = ("context", "text", "question")  # longest free text first
 _NOT_MODEL_INPUTS = ("labels", "class_mask", "continuation_mask", "choice_mask", "norm_length")
 
@@ -396,26 +394,3 @@ class ChoiceLikelihoodTask:
         logits = _lm_logits(model, inputs, keep=K + 1)[:, :-1].float()
         norm = batch["norm_length"] if self.normalize else None
         return choice_scores(logits, inputs["input_ids"], continuation, valid, (B, C), norm)
-
-
-def choice_scores(
-    logits: Tensor, input_ids: Tensor, continuation: Tensor, valid: Tensor, shape: tuple[int, int], norm: Tensor | None
-) -> Tensor:
-    """``(B, C)`` class logits from the next-token logits of the valid choice rows.
-
-    ``logits`` ``(R, K, V)`` are the predictions for the last ``K`` tokens of the
-    ``R`` valid rows (``input_ids`` ``(R, L)``, left padded); ``continuation``
-    ``(R, L)`` marks each row's continuation tokens. A choice's score is the sum of
-    its continuation's token log-probabilities, divided by ``norm`` when given;
-    missing choices get :data:`MASKED_LOGIT`.
-    """
-    K = logits.shape[1]
-    targets = input_ids[:, -K:]
-    # log p = logit - logsumexp, without materialising a second (N, K, vocab) tensor
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    scores = torch.where(continuation[:, -K:], token_logp, torch.zeros_like(token_logp)).sum(-1)
-    if norm is not None:
-        scores = scores / norm.reshape(-1)[valid].to(scores)
-    out = torch.full((shape[0] * shape[1],), MASKED_LOGIT, dtype=scores.dtype, device=scores.device)
-    out = out.masked_scatter(valid.to(out.device), scores)
-    return out.view(*shape)

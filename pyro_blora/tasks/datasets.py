@@ -14,8 +14,8 @@ the training data with a seeded, stratified draw (:func:`split_train_validation`
 so the same seed always gives the same disjoint splits.
 
 :func:`load_benchmark` (ARC, OpenBookQA, BoolQ, WinoGrande) and
-:func:`load_drug_reviews` live in :mod:`pyro_blora.tasks.benchmarks` and are
-re-exported here.
+:func:`load_drug_reviews` live in :mod:`pyro_blora.tasks.benchmarks` (it builds on this module) and are
+exported by :mod:`pyro_blora.tasks`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ __all__ = [
     "carve_splits",
     "subsample",
     "load_classification",
-    "load_drug_reviews",
-    "load_benchmark",
 ]
 
 Example = dict[str, Any]
