@@ -40,8 +40,7 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
-from pyro_blora import fit
-from pyro_blora.experiment import ExperimentConfig, Prepared, prepare
+from pyro_blora.experiment import ExperimentConfig, Prepared, fit_method, prepare
 from pyro_blora.inject import remove_adapters
 from pyro_blora.result import Prediction
 
@@ -140,16 +139,7 @@ def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Predict
 
 
 def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> Any:
-    from pyro_blora.experiment import _blora_config, _guide_options
-
-    config = _blora_config(cfg, prepared.net)
-    if method == "mc_dropout":
-        config = dataclasses.replace(config, dropout=0.1)
-    return fit(
-        prepared.net, prepared.train, guide=method, task=prepared.task, config=config,
-        guide_options=_guide_options(cfg, method), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        kl_weight=cfg.kl_weight, variance_lr_multiplier=cfg.variance_lr_multiplier, seed=seed, progress=False,
-    )
+    return fit_method(cfg, prepared, method, seed=seed, progress=False)
 
 
 def label(method: str, tag: Optional[str]) -> str:

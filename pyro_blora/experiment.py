@@ -34,7 +34,10 @@ from .io import ensure_writable
 from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
 from .tasks.cached import cached_task, split_decoder
 
-__all__ = ["ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "format_table", "DRUG_REVIEW_TEMPLATE"]
+__all__ = [
+    "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "fit_method", "blora_config",
+    "guide_options", "run_method", "format_table", "DRUG_REVIEW_TEMPLATE",
+]
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
@@ -207,11 +210,16 @@ def _top_block_targets(net: torch.nn.Module, names: list[str], blocks: Optional[
     return keep or names
 
 
-def _blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None) -> BLoRAConfig:
+def blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None, method: str = "delta") -> BLoRAConfig:
+    """The adapter config of ``method`` under ``cfg``: its targets (cut to the top blocks of ``net``), rank, prior.
+
+    MC dropout gets the rate of its baseline (:data:`pyro_blora.mc_dropout.DEFAULT_DROPOUT`)
+    on the LoRA path; every other method keeps the config's training dropout.
+    """
     targets = list(cfg.target_modules)
     if net is not None:  # the uncached path (choice likelihood) adapts the same top blocks
         targets = _top_block_targets(net, targets, cfg.trainable_layers)
-    return BLoRAConfig(
+    config = BLoRAConfig(
         target_modules=targets,
         bayesian_modules=None if cfg.bayesian_modules is None else list(cfg.bayesian_modules),
         r=cfg.r,
@@ -220,35 +228,52 @@ def _blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None) 
         prior_sd=cfg.prior_sd,
         lambda_max=cfg.lambda_max,
     )
+    if method == "mc_dropout":
+        from .mc_dropout import DEFAULT_DROPOUT
+
+        config = dataclasses.replace(config, dropout=DEFAULT_DROPOUT)
+    return config
 
 
-def _guide_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
+def guide_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
+    """The ``guide_options`` of ``method`` under ``cfg``: flow chain and sd cap of the Bayesian-LoRA guides."""
     options: dict[str, Any] = {"transforms": list(cfg.flow)} if method == "flow" else {}
     if method in ("flow", "normal", "mvn"):
         options["scale_max"] = cfg.scale_max
     return options
 
 
-def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path) -> dict[str, Any]:
-    """Fit one method, evaluate it on validation and test, and write its folder."""
-    start = time.perf_counter()
-    result = fit(
+def fit_method(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: Optional[int] = None, **options: Any) -> Any:
+    """:func:`pyro_blora.fit` of one method with ``cfg``'s settings on ``prepared``'s training split.
+
+    ``seed`` defaults to ``cfg.seed``; ``options`` go to :func:`fit` as they are
+    (``progress=False``, ``callbacks``). Last-layer Laplace also gets the
+    validation split, to tune its prior precision; no other method sees it.
+    """
+    if method == "laplace":
+        options.setdefault("val_data", prepared.validation)
+    return fit(
         prepared.net,
         prepared.train,
         guide=method,
         task=prepared.task,
-        config=_blora_config(cfg, prepared.net),
-        guide_options=_guide_options(cfg, method),
+        config=blora_config(cfg, prepared.net, method),
+        guide_options=guide_options(cfg, method),
         epochs=cfg.epochs,
         num_steps=cfg.num_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         kl_weight=cfg.kl_weight,
         variance_lr_multiplier=cfg.variance_lr_multiplier,
-        seed=cfg.seed,
-        # last-layer Laplace tunes its prior precision on validation; the others never see it
-        **({"val_data": prepared.validation} if method == "laplace" else {}),
+        seed=cfg.seed if seed is None else seed,
+        **options,
     )
+
+
+def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path) -> dict[str, Any]:
+    """Fit one method, evaluate it on validation and test, and write its folder."""
+    start = time.perf_counter()
+    result = fit_method(cfg, prepared, method)
     train_seconds = time.perf_counter() - start
     folder = out / method
     result.save(folder)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pyro_blora import BLoRAConfig
 from pyro_blora.experiment import ExperimentConfig, Prepared, run_method
 from pyro_blora.report import write_plots
 from pyro_blora.tasks import DatasetSplits
@@ -47,3 +48,16 @@ def test_unknown_method_names_the_baselines() -> None:
         ExperimentConfig(methods=["dropout"])
     with pytest.raises(ValueError, match="not a torch device"):
         ExperimentConfig(device="gpu0")
+
+
+def test_blora_config_gives_mc_dropout_its_rate_and_cuts_targets_to_the_top_blocks(tiny_llama) -> None:
+    from pyro_blora.experiment import blora_config, guide_options
+    from pyro_blora.mc_dropout import DEFAULT_DROPOUT
+
+    cfg = ExperimentConfig(target_modules=["q_proj"], trainable_layers=1)
+    assert blora_config(cfg, method="mc_dropout").dropout == DEFAULT_DROPOUT
+    assert blora_config(cfg, method="delta").dropout == BLoRAConfig().dropout
+    top = len(tiny_llama.model.layers) - 1
+    assert blora_config(cfg, tiny_llama).target_modules == [f"model.layers.{top}.self_attn.q_proj"]
+    assert guide_options(cfg, "flow") == {"transforms": ["affine_autoregressive"], "scale_max": cfg.scale_max}
+    assert guide_options(cfg, "delta") == {}
