@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import pyro_blora
 from pyro_blora import BayesianLoRAModel, BLoRAConfig
@@ -16,29 +15,16 @@ from pyro_blora.fit import KLScale
 from pyro_blora.guides import BLoBGuide
 from pyro_blora.models import BayesianLoRALinear, BLoBLinear
 from pyro_blora.tasks import TensorTask
+from toy import N_CLASSES, make_data, make_net
 
-N_FEATURES, N_CLASSES = 16, 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_net() -> nn.Module:
-    torch.manual_seed(1234)
-    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.ReLU(), nn.Linear(32, N_CLASSES))
 
 
 def make_config(**changes) -> BLoRAConfig:
     values = dict(target_modules=["0", "2"], r=4, dropout=0.0)
     values.update(changes)
     return BLoRAConfig(**values)
-
-
-def make_data(n: int = 48, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    centers = 3.0 * torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(99))
-    labels = torch.arange(n) % N_CLASSES
-    x = centers[labels] + torch.randn(n, N_FEATURES, generator=g)
-    return [{"inputs": x[i], "labels": int(labels[i])} for i in range(n)]
 
 
 def blob_fit(net=None, config=None, guide_options=None, **options) -> BLoBResult:

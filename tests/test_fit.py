@@ -11,30 +11,11 @@ from torch import nn
 
 import pyro_blora
 from pyro_blora import BLoRAConfig
+from toy import N_CLASSES, make_config, make_data, make_net
 
-N_FEATURES, N_CLASSES = 16, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_net() -> nn.Module:
-    torch.manual_seed(1234)
-    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.ReLU(), nn.Linear(32, N_CLASSES))
-
-
-def make_config(**changes) -> BLoRAConfig:
-    values = dict(target_modules=["0", "2"], r=4, inducing_rows=4, inducing_cols=4, dropout=0.0, prior_sd=1.0)
-    values.update(changes)
-    return BLoRAConfig(**values)
-
-
-def make_data(n: int = 48, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    centers = 3.0 * torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(99))
-    labels = torch.arange(n) % N_CLASSES
-    x = centers[labels] + torch.randn(n, N_FEATURES, generator=g)
-    return [{"inputs": x[i], "labels": int(labels[i])} for i in range(n)]
 
 
 def quick_fit(guide="normal", data=None, net=None, config=None, **options):

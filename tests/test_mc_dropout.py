@@ -9,16 +9,16 @@ from torch import nn
 import pyro_blora
 from pyro_blora import BLoRAConfig, MCDropoutResult
 from pyro_blora.mc_dropout import DEFAULT_DROPOUT, fit_mc_dropout
+import toy
+from toy import N_CLASSES, N_FEATURES, make_data
 
-N_FEATURES, N_CLASSES = 16, 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net() -> nn.Module:
     """A classifier with its own dropout (index 2), which MC dropout must leave in eval mode."""
-    torch.manual_seed(1234)
-    return nn.Sequential(nn.Linear(N_FEATURES, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, N_CLASSES))
+    return toy.make_net(dropout=0.5)
 
 
 class QVNet(nn.Module):
@@ -37,14 +37,6 @@ def make_config(**changes) -> BLoRAConfig:
     values = dict(target_modules=["0", "3"], r=4, inducing_rows=4, inducing_cols=4, dropout=0.3, prior_sd=1.0)
     values.update(changes)
     return BLoRAConfig(**values)
-
-
-def make_data(n: int = 24, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    centers = 3.0 * torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(99))
-    labels = torch.arange(n) % N_CLASSES
-    x = centers[labels] + torch.randn(n, N_FEATURES, generator=g)
-    return [{"inputs": x[i], "labels": int(labels[i])} for i in range(n)]
 
 
 def quick_fit(net=None, config=None, **options) -> MCDropoutResult:
