@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .base import on_model_device
 from .causal_lm import AnswerTokenTask, ChoiceLikelihoodTask
-from .scoring import choice_scores
+from .scoring import continuation_scores
 
 __all__ = ["split_decoder", "CachedPrefixTask", "CachedChoiceTask", "cached_task"]
 
@@ -230,16 +230,13 @@ class CachedChoiceTask:
         valid = batch["choice_mask"].reshape(-1).bool()
         ids = batch["input_ids"].reshape(B * C, L)[valid]
         continuation = batch["continuation_mask"].reshape(B * C, L)[valid]
-        K = int(continuation.sum(-1).max())
-        output = model(
+        hidden = model.model(
             inputs_embeds=batch["inputs_embeds"].reshape(B * C, L, -1)[valid],
             attention_mask=batch["attention_mask"].reshape(B * C, L)[valid],
             position_ids=batch["position_ids"].reshape(B * C, L)[valid],
-            logits_to_keep=K + 1,
-        )
-        logits = output.logits[:, -(K + 1) : -1].float()
+        ).last_hidden_state
         norm = batch["norm_length"] if self.inner.normalize else None
-        return choice_scores(logits, ids, continuation, valid, (B, C), norm)
+        return continuation_scores(hidden, model.lm_head, ids, continuation, valid, (B, C), norm)
 
 
 def cached_task(task: Any, bottom: nn.Module) -> Any:

@@ -81,14 +81,16 @@ def test_cached_choice_likelihood_equals_full_model(tiny_llama, smollm2_tokenize
     assert bool((cached[1, 3] == MASKED_LOGIT) and (cached[2, 2:] == MASKED_LOGIT).all())  # missing choices stay masked
 
 
-def test_cached_choice_task_trains_and_predicts_stacked_samples(tiny_llama, smollm2_tokenizer):
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]])
+def test_cached_choice_task_trains_and_predicts_stacked_samples(tiny_llama, smollm2_tokenizer, targets):
     from pyro_blora.tasks.cached import cached_task
     from pyro_blora.tasks.causal_lm import ChoiceLikelihoodTask
 
     bottom, top = split_decoder(tiny_llama, 1)
     task = cached_task(ChoiceLikelihoodTask(smollm2_tokenizer, max_length=48, num_classes=4), bottom)
     data = task.cache(MC_EXAMPLES * 2)
-    config = BLoRAConfig(target_modules=["q_proj"], r=2, inducing_rows=3, inducing_cols=3)
+    # a Bayesian head sees only the gathered continuation positions, still sample-major
+    config = BLoRAConfig(target_modules=targets, r=2, inducing_rows=3, inducing_cols=3)
     result = fit(top, data, guide="flow", task=task, config=config, num_steps=2, batch_size=3, progress=False)
     stacked = result.predict(data, num_samples=3, seed=0)
     looped = result.predict(data, num_samples=3, seed=0, stack_samples=False)
