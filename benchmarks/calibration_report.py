@@ -8,6 +8,7 @@ and writes ``summary.md``, ``summary.json`` and ``reliability_grid.png``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -31,7 +32,9 @@ COLUMNS = ["acc", "ece", "nll", "brier"]
 TEMPERATURE_ON = ("delta", "flow")
 
 
+@functools.lru_cache(maxsize=None)
 def _predictions(path: Path) -> dict[str, Prediction]:
+    """A run's per-split predictions, read once per report (temperature, ensembles and the grid share them)."""
     tensors = load_file(str(path.with_suffix(".safetensors")))
     names = {key.rsplit(".", 1)[0] for key in tensors}
     return {
@@ -50,6 +53,7 @@ def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, di
     from pyro_blora.temperature import apply_temperature, fit_temperature
 
     seeds = list(seeds)
+    _predictions.cache_clear()  # a report reads the folder as it is now
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for file in sorted(out.glob("*/*/seed*.json")):
         record = json.loads(file.read_text())
