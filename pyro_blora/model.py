@@ -65,7 +65,8 @@ class BayesianLoRAModel(nn.Module):
         # Plain lists: the layers are already registered as submodules of ``net``.
         self.layers: list[BayesianLoRALinear] = layers
         self.factors: list[InducingFactor] = [f for layer in layers for f in layer.factors]
-        self.particle_nll: list[float] = []  # per-example NLL of each particle since the last reset
+        # per-example NLL of each particle since the last reset, kept on the device: one host sync per step
+        self.particle_nll: list[Tensor] = []
         # Context of the network forward only (fit sets bf16 autocast here, see pyro_blora.distributed):
         # the adapters' sampling, the prior and the KL stay outside it, in full precision.
         self.network_precision: Callable[[], ContextManager[Any]] = contextlib.nullcontext
@@ -73,7 +74,7 @@ class BayesianLoRAModel(nn.Module):
     @property
     def last_nll(self) -> float:
         """Mean per-example NLL over the particles of the last ELBO evaluation."""
-        return sum(self.particle_nll) / len(self.particle_nll) if self.particle_nll else float("nan")
+        return float(torch.stack(self.particle_nll).mean()) if self.particle_nll else float("nan")
 
     def sample_adapters(self) -> None:
         """Sample every Bayesian factor (Pyro sites ``*.U`` and ``*.W``) into its layer."""
@@ -103,7 +104,7 @@ class BayesianLoRAModel(nn.Module):
             raise FloatingPointError("the network produced non-finite class logits")
         labels = check_labels(batch["labels"], logits.shape[-1]).to(logits.device)
         with torch.no_grad():
-            self.particle_nll.append(float(F.cross_entropy(logits.float(), labels)))
+            self.particle_nll.append(F.cross_entropy(logits.float(), labels))
         with pyro.plate("data", self.num_data, subsample=torch.arange(len(labels), device=logits.device)):
             pyro.sample("labels", dist.Categorical(logits=logits), obs=labels)
         return logits
