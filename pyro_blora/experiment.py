@@ -35,7 +35,7 @@ from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_be
 from .tasks.cached import cached_task, split_decoder
 
 __all__ = [
-    "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "fit_method", "blora_config",
+    "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "load_splits", "fit_method", "blora_config",
     "guide_options", "run_method", "format_table", "DRUG_REVIEW_TEMPLATE",
 ]
 
@@ -132,7 +132,8 @@ class Prepared:
     shifted: list
 
 
-def _load_splits(cfg: ExperimentConfig) -> DatasetSplits:
+def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
+    """The task's train / validation / test splits under ``cfg`` (data seed ``cfg.seed``, subsampled to its sizes)."""
     if cfg.task in ("drug_reviews", "drug_reviews_binary"):
         splits = load_drug_reviews(binary=cfg.task.endswith("binary"), seed=cfg.seed)
     else:
@@ -175,7 +176,7 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepare
     """Load the model and data, build the task, and cache the frozen bottom blocks when asked."""
     from .zoo import load_model
 
-    splits = _load_splits(cfg)
+    splits = load_splits(cfg)
     log(f"data: {splits.describe()}")
     model, tokenizer = load_model(cfg.model, "causal_lm")
     model.eval().to(cfg.device)
@@ -352,7 +353,7 @@ def evaluate_zero_shot(cfg: ExperimentConfig, split: str = "validation", batch_s
     from .result import make_loader
     from .zoo import load_model
 
-    splits = _load_splits(cfg)
+    splits = load_splits(cfg)
     examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
     model, tokenizer = load_model(cfg.model, "causal_lm")
     model.eval().to(cfg.device)
