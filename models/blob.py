@@ -147,22 +147,9 @@ class BLoBLinear(BayesianLoRALinear):
             )
         return self._a, self.lora_B_weight
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        a, b = self.adapter_weights()
-        h = self.dropout(x).to(a.dtype)
-        if a.dim() == 2:
-            projected = flipout_project(h, self.lora_A_weight, a) if self.training and self.flipout else h @ a.T
-            delta = projected @ b.T
-        else:
-            samples = a.shape[0]
-            if x.shape[0] % samples:
-                raise ValueError(
-                    f"{self.layer_name}: batch of {x.shape[0]} rows cannot hold {samples} stacked posterior samples"
-                )
-            flat = h.reshape(samples, -1, self.in_features)
-            delta = (torch.bmm(flat, a.transpose(1, 2)) @ b.T).reshape(*x.shape[:-1], self.out_features)
-        return out + (self.scaling * delta).to(out.dtype)
+    def _project(self, h: Tensor, a: Tensor) -> Tensor:
+        # training draws one A per step; Flipout gives each example its own pseudo-independent perturbation
+        return flipout_project(h, self.lora_A_weight, a) if self.training and self.flipout else h @ a.T
 
     def extra_repr(self) -> str:
         return (

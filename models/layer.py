@@ -211,17 +211,22 @@ class BayesianLoRALinear(nn.Module):
         a, b = self.adapter_weights()
         h = self.dropout(x).to(a.dtype)
         if a.dim() == 2:
-            delta = (h @ a.T) @ b.T
+            delta = self._project(h, a) @ b.T
         else:
             samples = a.shape[0]
             if x.shape[0] % samples:
                 raise ValueError(
                     f"{self.layer_name}: batch of {x.shape[0]} rows cannot hold {samples} stacked posterior samples"
                 )
-            flat = h.reshape(samples, -1, self.in_features)
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            projected = torch.bmm(h.reshape(samples, -1, self.in_features), a.transpose(1, 2))
+            # B is stacked with A, except where only A is random (BLoB keeps B a point estimate)
+            delta = torch.bmm(projected, b.transpose(1, 2)) if b.dim() == 3 else projected @ b.T
             delta = delta.reshape(*x.shape[:-1], self.out_features)
         return out + (self.scaling * delta).to(out.dtype)
+
+    def _project(self, h: Tensor, a: Tensor) -> Tensor:
+        """``h A^T`` for one (unstacked) draw of A; subclasses may estimate it otherwise (BLoB: Flipout)."""
+        return h @ a.T
 
     def extra_repr(self) -> str:
         kind = "bayesian" if self.bayesian else "point"
