@@ -102,6 +102,7 @@ def summarise(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]],
             for key in COLUMNS:
                 row[key] = _mean_std([r["metrics"][split][key] for r in chosen])
             row["val_ece"] = _mean_std([r["metrics"]["validation"]["ece"] for r in chosen])
+            row["mi"] = _mean_std([r["metrics"][split].get("mutual_information", math.nan) for r in chosen])
             row["seconds"] = _mean_std([r["train_seconds"] for r in chosen])
             table.setdefault(task, {})[method] = row
     return table
@@ -121,13 +122,14 @@ def markdown(table: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str) -
     """One Markdown table per task: ACC and ECE in %, NLL and Brier, mean ± std over seeds."""
     lines = [f"## {title}", ""]
     for task, rows in table.items():
-        lines += [f"### {task}", "", "| method | n | ACC % | ECE % | NLL | Brier | val ECE % | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {task}", "", "| method | n | ACC % | ECE % | NLL | Brier | val ECE % | MI (nats) | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method in _ordered(rows):
             row = rows[method]
             lines.append(
                 f"| {LABELS.get(method, method)} | {row['n']} | {_cell(row['acc'], 100)} | {_cell(row['ece'], 100)} "
-                f"| {_cell(row['nll'])} | {_cell(row['brier'])} | {_cell(row['val_ece'], 100)} | {row['seconds'][0]:.0f} |"
+                f"| {_cell(row['nll'])} | {_cell(row['brier'])} | {_cell(row['val_ece'], 100)} | {row['mi'][0]:.4f} "
+                f"| {row['seconds'][0]:.0f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -146,6 +148,30 @@ def flow_vs_map(table: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[di
                 entry[key] = {"map": base, "flow": flow, "relative_change": (flow - base) / base if base else math.nan}
             out.append(entry)
     return out
+
+
+def sample_averaging(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int]) -> str:
+    """Test ECE / NLL of one posterior sample against the average of all of them, per sampled method.
+
+    If averaging S samples barely moves ECE and NLL away from a single sample's,
+    the posterior is a point mass as far as the predictions can tell, and more
+    samples cannot help: the calibration comes from the fit, not the averaging.
+    """
+    seeds = set(seeds)
+    lines = ["| task | method | samples | ECE % one sample | ECE % averaged | NLL one sample | NLL averaged |",
+             "|---|---|---|---|---|---|---|"]
+    for task in sorted(runs):
+        for method in _ordered(runs[task]):
+            files = [r["file"] for s, r in runs[task][method].items() if s in seeds and "file" in r]
+            parts = [_predictions(Path(f))["test"] for f in files]
+            if not parts or parts[0].num_samples < 2:
+                continue
+            one = [Prediction(p.sample_probs[0], p.sample_probs[:1], p.labels).metrics() for p in parts]
+            avg = [p.metrics() for p in parts]
+            mean = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731
+            lines.append(f"| {task} | {LABELS.get(method, method)} | {parts[0].num_samples} | {100 * mean(one, 'ece'):.1f} "
+                         f"| {100 * mean(avg, 'ece'):.1f} | {mean(one, 'nll'):.3f} | {mean(avg, 'nll'):.3f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def reliability_grid(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int],
@@ -221,6 +247,9 @@ def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Map
             text.append(f"| {c['task']} | {c['variant']} | {100 * e['map']:.1f} | {100 * e['flow']:.1f} | {100 * e['relative_change']:+.0f}% "
                         f"| {n['map']:.3f} | {n['flow']:.3f} | {100 * n['relative_change']:+.0f}% |")
         text.append("")
+    averaging = sample_averaging(runs, seeds)
+    if averaging:
+        text += ["## One posterior sample against the average (test, mean over seeds)", "", averaging]
     shifted = shift_markdown(runs, seeds, shift)
     if shifted:
         text += ["## Distribution shift", "", shifted]

@@ -45,7 +45,10 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     summary = (tmp_path / "summary.md").read_text()
     for row in ("MAP LoRA", "MAP + temperature", "ensemble (3 MAP)", "last-layer Laplace", "B-LoRA flow"):
         assert row in summary
-    assert "Bayesian-LoRA (flow) against MAP LoRA" in summary
+    assert "Bayesian-LoRA (flow) against MAP LoRA" in summary and "MI (nats)" in summary
+    # sampled methods only: flow's 4 draws against its first draw; MAP has one draw and no row
+    averaging = summary.split("One posterior sample against the average")[1].split("\n## ")[0]
+    assert "| drug_reviews_binary | B-LoRA flow | 4 |" in averaging and "MAP LoRA" not in averaging
     table = json.loads((tmp_path / "summary.json").read_text())["table"]["drug_reviews_binary"]
     assert table["ensemble"]["n"] == 1 and table["delta"]["n"] == 1
     assert (tmp_path / "reliability_grid.png").stat().st_size > 10_000
