@@ -35,9 +35,10 @@ from .tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_be
 from .tasks.cached import cached_task, split_decoder
 
 __all__ = [
-    "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "load_splits", "fit_method", "blora_config",
-    "guide_options", "run_method", "format_table", "DRUG_REVIEW_TEMPLATE",
+    "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "load_splits", "fit_method",
+    "blora_config", "guide_options", "run_method", "format_table", "DRUG_REVIEW_TEMPLATE",
 ]
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
