@@ -109,6 +109,22 @@ def profile_python(args) -> str:
     return out.getvalue()
 
 
+def _finish_step(loss, params: list, optimizer, t: list[float]) -> list[float]:
+    """Backward, clip and optimizer step, each timed after the phases already in ``t``; the phase durations."""
+    import time
+
+    import torch
+
+    loss.backward()
+    t.append(time.thread_time())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    t.append(time.thread_time())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    t.append(time.thread_time())
+    return [b - a for a, b in zip(t, t[1:])]
+
+
 def profile_phases(args) -> str:
     """CPU time of each phase of a ``fit`` step (guide, model, ELBO terms, backward, clipping, optimiser),
     on the model or (``--skeleton``) on its adapted layers alone; peft/plain LoRA for comparison."""
@@ -148,14 +164,7 @@ def profile_phases(args) -> str:
             t = [time.thread_time()] * 2  # no guide
             loss = torch.nn.functional.cross_entropy(task.class_logits(net, batch), batch["labels"])
             t += [time.thread_time()] * 2  # no separate ELBO terms
-            loss.backward()
-            t.append(time.thread_time())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            t.append(time.thread_time())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t.append(time.thread_time())
-            rows.append([b - a for a, b in zip(t, t[1:])])
+            rows.append(_finish_step(loss, params, optimizer, t))
         names[1] = "forward+loss"
     else:
         inject_adapters(net, common.blora_config())
@@ -174,14 +183,7 @@ def profile_phases(args) -> str:
                 loss, _ = elbo._differentiable_loss_particle(prune_subsample_sites(model_trace),
                                                              prune_subsample_sites(guide_trace))
                 t.append(time.thread_time())
-            loss.backward()
-            t.append(time.thread_time())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            t.append(time.thread_time())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t.append(time.thread_time())
-            rows.append([b - a for a, b in zip(t, t[1:])])
+            rows.append(_finish_step(loss, params, optimizer, t))
     med = [statistics.median(r[i] for r in rows[args.warmup:]) for i in range(len(names))]
     where = f"{args.model} adapted layers alone" if args.skeleton else args.model
     head = (f"phases of a step (median CPU ms of {args.steps} after {args.warmup}): {where}, guide {args.guide}, "

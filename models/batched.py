@@ -69,6 +69,10 @@ class BatchedGeometry(InducingGeometry):
     def _row(self, name: str) -> Tensor:
         return self.batch.groups[self.key][name][self.position]
 
+    def _pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """This factor's ``(<name>_rows, <name>_cols)`` from the batch."""
+        return self._row(f"{name}_rows"), self._row(f"{name}_cols")
+
     @cached_property
     def d_rows(self) -> Tensor:  # type: ignore[override]
         return self._row("d_rows")
@@ -79,23 +83,23 @@ class BatchedGeometry(InducingGeometry):
 
     @cached_property
     def _z64(self) -> tuple[Tensor, Tensor]:
-        return self._row("z64_rows"), self._row("z64_cols")
+        return self._pair("z64")
 
     @cached_property
     def gram(self) -> tuple[Tensor, Tensor]:
-        return self._row("gram_rows"), self._row("gram_cols")
+        return self._pair("gram")
 
     @cached_property
     def kernels(self) -> tuple[Tensor, Tensor]:
-        return self._row("kernel_rows"), self._row("kernel_cols")
+        return self._pair("kernel")
 
     @cached_property
     def cholesky(self) -> tuple[Tensor, Tensor]:
-        return self._row("chol_rows"), self._row("chol_cols")
+        return self._pair("chol")
 
     @cached_property
     def projections(self) -> tuple[Tensor, Tensor]:
-        return self._row("t_rows"), self._row("t_cols")
+        return self._pair("t")
 
 
 def batch_geometries(
