@@ -35,7 +35,7 @@ any example's predictive distribution.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -122,6 +122,10 @@ class BLoBLinear(BayesianLoRALinear):
         """Sample ``A`` (Pyro site :attr:`site_w`) for the following forwards; return ``(A, B)``."""
         self.set_adapter_weights(pyro.sample(self.site_w, self.prior()))
         return self.adapter_weights()
+
+    def set_draws(self, weights: Mapping[str, Tensor]) -> None:
+        """Fix the draw of A from joint draws keyed by site name; B is the layer's parameter."""
+        self.set_adapter_weights(weights[self.site_w])
 
     def set_adapter_weights(self, a: Tensor, b: Optional[Tensor] = None) -> None:
         """Fix the draw ``A`` (``[S,] r x d_in``) for the next forwards.

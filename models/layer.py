@@ -19,7 +19,7 @@ which evaluates several posterior samples in one forward.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import pyro
 import torch
@@ -192,6 +192,11 @@ class BayesianLoRALinear(nn.Module):
                 f"A ({self.r}, {self.in_features}) and B ({self.out_features}, {self.r})"
             )
         self._sampled = (a, b)
+
+    def set_draws(self, weights: Mapping[str, Tensor]) -> None:
+        """Fix this layer's factors from joint draws keyed by Pyro site name (``*.W``); a point layer has none."""
+        if self.bayesian:
+            self.set_adapter_weights(weights[self.lora_A.site_w], weights[self.lora_B.site_w])
 
     def clear_adapter_weights(self) -> None:
         self._sampled = None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_blora.models import BayesianLoRALinear, BLoBLinear, InducingFactor
+from pyro_blora.models import BayesianLoRALinear, InducingFactor
 
 from .inject import adapted_layers
 from .tasks.base import Task
@@ -84,10 +84,7 @@ class BayesianLoRAModel(nn.Module):
     def set_adapter_weights(self, weights: Mapping[str, Tensor]) -> None:
         """Put given factor draws (site name ``*.W`` -> tensor, optionally with a sample dim) into the layers."""
         for layer in self.layers:
-            if isinstance(layer, BLoBLinear):  # only A is random; B is the layer's parameter
-                layer.set_adapter_weights(weights[layer.site_w])
-            elif layer.bayesian:
-                layer.set_adapter_weights(weights[layer.lora_A.site_w], weights[layer.lora_B.site_w])
+            layer.set_draws(weights)
 
     def class_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Sample the adapters, then the task's class logits for ``batch``."""
