@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
-from pyro_blora.experiment import ExperimentConfig, Prepared, fit_method, prepare
+from pyro_blora.experiments.pipeline import ExperimentConfig, Prepared, fit_method, prepare
 from pyro_blora.inject import remove_adapters
 from pyro_blora.result import Prediction
 
@@ -188,7 +188,7 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
 def _laplace_run(map_result: Any, cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], out: Path,
                  task: str, seed: int, settings: dict[str, Any]) -> None:
     try:
-        from pyro_blora.laplace import laplace_from_map
+        from pyro_blora.baselines.laplace.posterior import laplace_from_map
     except ImportError as err:
         _log(f"laplace skipped: {err}")
         return

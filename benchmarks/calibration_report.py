@@ -49,8 +49,8 @@ def _metrics(predictions: Mapping[str, Prediction]) -> dict[str, dict[str, float
 
 def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """``runs[task][method][seed] = {"metrics": {split: {...}}, "train_seconds": ...}``, post-hoc rows included."""
-    from pyro_blora.ensemble import combine_predictions
-    from pyro_blora.temperature import apply_temperature, fit_temperature
+    from pyro_blora.baselines.ensemble import combine_predictions
+    from pyro_blora.baselines.temperature import apply_temperature, fit_temperature
 
     seeds = list(seeds)
     _predictions.cache_clear()  # a report reads the folder as it is now

@@ -1,6 +1,6 @@
 """Validation-only search over Bayesian-LoRA (flow) settings, for when flow does not beat MAP.
 
-Each variant is a set of :class:`~pyro_blora.experiment.ExperimentConfig` overrides
+Each variant is a set of :class:`~pyro_blora.experiments.pipeline.ExperimentConfig` overrides
 (posterior width caps, KL weight, ...). Every variant trains ``flow`` with seed 0
 on each task (``calibration.py --tag <variant>``), and the variants are ranked by
 their mean *validation* NLL over the tasks (ECE breaks ties); the test split is

@@ -72,7 +72,7 @@ def count_params(module: nn.Module, trainable_only: bool = True) -> int:
 def build_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """``(model, answer_ids, vocab_size)`` for ``smollm2`` (the real embedded model) or a random one."""
     if name == "smollm2":
-        from pyro_blora.zoo import load_smollm2
+        from pyro_blora.experiments.zoo import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)
         answer_ids = []

@@ -138,8 +138,8 @@ def profile_phases(args) -> str:
 
     import common
     import skeleton
-    from pyro_blora.elbo import MeanFieldELBO
-    from pyro_blora.fit import KLScale, _fused
+    from pyro_blora.training.elbo import MeanFieldELBO
+    from pyro_blora.training.svi import KLScale, _fused
     from pyro_blora.guides import BayesianLoRAGuide
     from pyro_blora.inject import inject_adapters
     from pyro_blora.model import BayesianLoRAModel

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from calibration import COMMON, SETTINGS, SHIFT, _overrides, available_tasks, experiment_config
-from pyro_blora.experiment import fit_method, load_splits, prepare
+from pyro_blora.experiments.pipeline import fit_method, load_splits, prepare
 from pyro_blora.inject import remove_adapters
 
 

@@ -1,7 +1,7 @@
 """MAP LoRA vs Bayesian-LoRA on the QA benchmarks of ``../shared/data``: one table over tasks.
 
 For each task (ARC-Easy, ARC-Challenge, OpenBookQA, BoolQ, WinoGrande-S) this
-runs :func:`pyro_blora.experiment.compare`, the pipeline behind
+runs :func:`pyro_blora.experiments.pipeline.compare`, the pipeline behind
 ``pyro-blora compare``: load SmolLM2, fit every method with the same seed and
 settings, evaluate on the validation and test splits, and write a run folder
 (``<output>/<task>/``: adapters, metrics, plots). The test rows of all tasks are
@@ -28,7 +28,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pyro_blora.experiment import ExperimentConfig, compare
+from pyro_blora.experiments.pipeline import ExperimentConfig, compare
 from pyro_blora.tasks.benchmarks import BENCHMARKS, resolve_data_dir
 
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "boolq", "winogrande_s"]

@@ -1,4 +1,4 @@
-"""Every plot of :mod:`pyro_blora.plots` for one run: what the posterior knows and doesn't.
+"""Every plot of :mod:`pyro_blora.experiments.plots` for one run: what the posterior knows and doesn't.
 
 Fits Bayesian-LoRA with a flow posterior on the drug reviews, plus MAP LoRA
 (``delta``) as the baseline and a mean-field ``normal`` guide to compare q(U)
@@ -16,7 +16,7 @@ against, then draws
   normal, each centred at its mean.
 
 The plotting functions take plain tensors, so the same calls work on anything
-``result.predict`` returns. (``pyro-blora compare`` + ``pyro_blora.report.write_plots``
+``result.predict`` returns. (``pyro-blora compare`` + ``pyro_blora.experiments.report.write_plots``
 draw a similar set from a saved run folder.)
 
     python examples/posterior_predictive_plots.py --output runs/posterior_plots
@@ -31,8 +31,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 import pyro_blora
-from pyro_blora import Prediction, plots
-from pyro_blora.experiment import ExperimentConfig, prepare
+from pyro_blora import Prediction
+from pyro_blora.experiments import plots
+from pyro_blora.experiments.pipeline import ExperimentConfig, prepare
 from pyro_blora.metrics import uncertainty_decomposition
 
 METHODS = ("delta", "flow", "normal")

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import pyro_blora
 from pyro_blora.tasks import AnswerTokenTask, load_drug_reviews, subsample
 from pyro_blora.tasks.cached import CachedPrefixTask, split_decoder
-from pyro_blora.zoo import load_smollm2
+from pyro_blora.experiments.zoo import load_smollm2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:

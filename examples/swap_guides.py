@@ -9,7 +9,7 @@ matrices ``U`` under a matrix-normal prior); only the guide changes:
   Pyro transforms chosen with ``guide_options={"transforms": [...]}``.
 
 Every guide is fitted on the same drug-review data (the top blocks of SmolLM2
-adapted, the frozen bottom cached once by :func:`pyro_blora.experiment.prepare`),
+adapted, the frozen bottom cached once by :func:`pyro_blora.experiments.pipeline.prepare`),
 with the same seed and steps. The script prints and writes a Markdown table of
 test ACC / ECE / NLL / Brier and training time, a reliability diagram of every
 guide, and the marginals of ``q(U)`` (500 draws, centred at each guide's mean) of
@@ -28,8 +28,8 @@ from typing import Any, Optional, Sequence
 from torch import Tensor
 
 import pyro_blora
-from pyro_blora import plots
-from pyro_blora.experiment import ExperimentConfig, prepare
+from pyro_blora.experiments import plots
+from pyro_blora.experiments.pipeline import ExperimentConfig, prepare
 from pyro_blora.metrics import classification_metrics
 
 # label -> (guide, guide_options)

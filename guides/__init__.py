@@ -6,7 +6,6 @@ or a ``factory(site) -> InducingGuide`` to :func:`pyro_blora.fit`.
 """
 
 from .base import InducingGuide, InducingSite
-from .blob import BLoBGuide
 from .delta import DeltaGuide
 from .flow import FLOW_TRANSFORMS, FlowGuide
 from .mvn import MultivariateNormalGuide
@@ -14,7 +13,6 @@ from .network import GUIDES, BayesianLoRAGuide, guide_factory
 from .normal import NormalGuide
 
 __all__ = [
-    "BLoBGuide",
     "GUIDES",
     "FLOW_TRANSFORMS",
     "BayesianLoRAGuide",

@@ -145,7 +145,7 @@ class SiteMember(TorchDistribution):
                 return log_prob[self.index]
         return self.site_distribution().log_prob(value)
 
-    # -- batched terms for pyro_blora.elbo.MeanFieldELBO: (stacked tensor, row) or None
+    # -- batched terms for pyro_blora.training.elbo.MeanFieldELBO: (stacked tensor, row) or None
 
     def stacked_value(self, value: Tensor) -> tuple[Tensor, int] | None:
         """``(values, i)`` when ``value`` is this site's batched draw ``values[i]``."""

@@ -6,7 +6,6 @@
 * :mod:`.layer`: the adapted linear layer.
 """
 
-from .blob import BLoBLinear, flipout_project
 from .conditional import InducingConditional
 from .geometry import CholeskyError, InducingGeometry, robust_cholesky
 from .layer import BayesianLoRALinear, InducingFactor, linear_shape
@@ -14,8 +13,6 @@ from .priors import PRIORS, GPPrior, InducingPrior, NormalPrior, build_prior, sh
 
 __all__ = [
     "PRIORS",
-    "BLoBLinear",
-    "flipout_project",
     "BayesianLoRALinear",
     "CholeskyError",
     "GPPrior",

@@ -11,16 +11,16 @@ posterior, and get calibrated class probabilities::
 
 from typing import Any
 
+from .baselines.ensemble import EnsembleResult
+from .baselines.laplace import LaplaceResult, laplace_from_map
+from .baselines.mc_dropout import MCDropoutResult
+from .baselines.temperature import TemperatureScaledResult, apply_temperature, fit_temperature, temperature_scale
 from .config import BLoRAConfig, TrainConfig
-from .ensemble import EnsembleResult, combine_predictions
-from .fit import fit
 from .inject import adapted_layers, inject_adapters, remove_adapters
 from .io import load, save
-from .laplace import LaplaceResult, laplace_from_map
-from .mc_dropout import MCDropoutResult
 from .model import BayesianLoRAModel
-from .result import FitResult, Prediction
-from .temperature import TemperatureScaledResult, apply_temperature, fit_temperature, temperature_scale
+from .result import FitResult, Prediction, combine_predictions
+from .training.svi import fit
 
 __version__ = "0.1.0"
 

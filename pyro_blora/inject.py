@@ -70,7 +70,7 @@ def inject_adapters(
     """Freeze ``model`` and wrap every target module; return the new layers in module order.
 
     ``layer_factory(base, name, config, bayesian=...)`` builds each layer (default
-    :class:`BayesianLoRALinear`; BLoB passes its own, see :mod:`pyro_blora.blob`).
+    :class:`BayesianLoRALinear`; BLoB passes its own, see :mod:`pyro_blora.baselines.blob.fit`).
     """
     if adapted_layers(model):
         raise ValueError("the model already carries Bayesian-LoRA adapters; call remove_adapters first")

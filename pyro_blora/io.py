@@ -68,6 +68,15 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"shapes": shapes, "digest": digest.hexdigest()}
 
 
+def is_main_process() -> bool:
+    """True outside a multi-process run; else whether this is accelerate's main process (the one that writes files)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def save(result: FitResult, path: str | os.PathLike) -> Path:
     """Write ``result`` to the folder ``path`` (created if missing); returns the folder.
 
@@ -75,8 +84,6 @@ def save(result: FitResult, path: str | os.PathLike) -> Path:
     never leaves a half-written adapter behind. Under ``accelerate launch`` only
     the main process writes (the others hold the same tensors).
     """
-    from .distributed import is_main_process
-
     folder = Path(path)
     if not is_main_process():
         return folder

@@ -22,25 +22,25 @@ MethodFit = Callable[..., Any]
 
 
 def _mc_dropout(model: Any, data: Any, **kwargs: Any) -> Any:
-    from .mc_dropout import fit_mc_dropout
+    from pyro_blora.baselines.mc_dropout import fit_mc_dropout
 
     return fit_mc_dropout(model, data, **kwargs)
 
 
 def _ensemble(model: Any, data: Any, **kwargs: Any) -> Any:
-    from .ensemble import fit_ensemble
+    from pyro_blora.baselines.ensemble import fit_ensemble
 
     return fit_ensemble(model, data, **kwargs)
 
 
 def _blob(model: Any, data: Any, **kwargs: Any) -> Any:
-    from .blob import fit_blob
+    from pyro_blora.baselines.blob.fit import fit_blob
 
     return fit_blob(model, data, **kwargs)
 
 
 def _laplace(model: Any, data: Any, **kwargs: Any) -> Any:
-    from .laplace import fit_laplace
+    from pyro_blora.baselines.laplace.posterior import fit_laplace
 
     return fit_laplace(model, data, **kwargs)
 
@@ -91,10 +91,10 @@ def _load(module: str, function: str) -> Callable[..., Any]:
 
 
 LOADERS: dict[str, Callable[..., Any]] = {
-    "mc_dropout": _load("mc_dropout", "load_mc_dropout"),
-    "ensemble": _load("ensemble", "load_ensemble"),
-    "temperature": _load("temperature", "load_temperature_scaled"),
-    "blob": _load("blob", "load_blob"),
-    "laplace": _load("laplace", "load_laplace"),
+    "mc_dropout": _load("baselines.mc_dropout", "load_mc_dropout"),
+    "ensemble": _load("baselines.ensemble", "load_ensemble"),
+    "temperature": _load("baselines.temperature", "load_temperature_scaled"),
+    "blob": _load("baselines.blob.fit", "load_blob"),
+    "laplace": _load("baselines.laplace.posterior", "load_laplace"),
 }
 """How :func:`pyro_blora.load` rebuilds a saved baseline: ``loader(path, model, task=, guide=, check_base=)``."""

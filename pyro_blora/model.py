@@ -67,7 +67,7 @@ class BayesianLoRAModel(nn.Module):
         self.factors: list[InducingFactor] = [f for layer in layers for f in layer.factors]
         # per-example NLL of each particle since the last reset, kept on the device: one host sync per step
         self.particle_nll: list[Tensor] = []
-        # Context of the network forward only (fit sets bf16 autocast here, see pyro_blora.distributed):
+        # Context of the network forward only (fit sets bf16 autocast here, see pyro_blora.training.distributed):
         # the adapters' sampling, the prior and the KL stay outside it, in full precision.
         self.network_precision: Callable[[], ContextManager[Any]] = contextlib.nullcontext
 

@@ -24,10 +24,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """SmolLM2's real tokenizer (converted once into the user cache by pyro_blora.zoo)."""
+    """SmolLM2's real tokenizer (converted once into the user cache by pyro_blora.experiments.zoo)."""
     from transformers import AutoTokenizer
 
-    from pyro_blora import zoo
+    from pyro_blora.experiments import zoo
 
     return zoo.prepare_tokenizer(AutoTokenizer.from_pretrained(zoo.smollm2_path()))
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pyro_blora import zoo
+from pyro_blora.experiments import zoo
 from pyro_blora.tasks import (
     MASKED_LOGIT,
     AnswerTokenTask,

@@ -1,0 +1,396 @@
+"""Deep ensembles of LoRA adapters on one frozen base model.
+
+Lakshminarayanan et al. (2017, "Simple and scalable predictive uncertainty
+estimation using deep ensembles", NeurIPS) train ``k`` networks from different
+random starts and average their predictives,
+
+.. math::
+
+    p(y \\mid x, D) = \\frac{1}{k} \\sum_{m=1}^{k} p(y \\mid x, \\theta_m),
+
+where each member's ``p(y | x, theta_m)`` is its own posterior predictive (one
+point for a MAP member, the mean over its ``S`` draws for a Bayesian one). Here
+the members are LoRA adapters of one base model: there is one set of adapter
+modules, and a member is only its trainable tensors (adapter and guide state,
+:meth:`FitResult.trainable_state`), copied in before it predicts. When every
+adapted layer is Bayesian, the members' factor draws are stacked as samples and
+share one forward per batch.
+
+:func:`combine_predictions` builds the same mixture from saved per-run
+predictions (e.g. MAP runs of different seeds), without retraining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from pyro_blora.config import BLoRAConfig, config_from_dict
+from pyro_blora.inject import adapted_layers, inject_adapters
+from pyro_blora.methods import METHOD_FILE, METHODS
+from pyro_blora.result import FitResult, Prediction, combine_predictions
+from pyro_blora.tasks.base import Task
+
+__all__ = ["EnsembleMember", "EnsembleResult", "combine_predictions", "fit_ensemble", "load_ensemble", "DEFAULT_SIZE"]
+
+DEFAULT_SIZE = 3
+_OPTIONS = ("size", "member", "member_options")
+Data = Union[Dataset, DataLoader, Sequence[Any]]
+
+
+@dataclass
+class EnsembleMember:
+    """One member: its seed, its trainable tensors and its training log."""
+
+    seed: Optional[int]
+    state: dict[str, Tensor]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    validation: list[dict[str, float]] = field(default_factory=list)
+
+
+class _MemberStack(FitResult):
+    """The template's modules fed with precomputed member draws stacked as posterior samples."""
+
+    def __init__(self, template: FitResult, draws: dict[str, Tensor]):
+        super().__init__(template.model, template.guide, template.config, template.train_config, template.task)
+        self.draws = draws
+
+    @property
+    def is_deterministic(self) -> bool:
+        return False
+
+    def sample_weights(self, num_samples: int) -> dict[str, Tensor]:
+        held = next(iter(self.draws.values())).shape[0]
+        if num_samples != held:
+            raise RuntimeError(f"FitResult.predict asked for {num_samples} draws; the ensemble stacked {held}")
+        return self.draws
+
+
+class EnsembleResult:
+    """``k`` LoRA adapters of one base model, predicting as an equally weighted mixture.
+
+    Args:
+        template: a fitted result whose modules (base, adapters, guide) every member shares.
+        members: each member's trainable tensors, keyed as ``template.trainable_state()``.
+
+    Between calls the shared modules hold member 0 (for :meth:`from_results`
+    that is the first result's own state, so the caller's result is unchanged).
+    """
+
+    method = "ensemble"
+
+    def __init__(self, template: FitResult, members: Sequence[EnsembleMember]):
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        current = template.trainable_state()
+        for i, member in enumerate(members):
+            missing, unexpected = sorted(set(current) - set(member.state)), sorted(set(member.state) - set(current))
+            if missing or unexpected:
+                raise ValueError(f"member {i} does not fit the shared adapters: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            bad = [k for k, v in member.state.items() if v.shape != current[k].shape]
+            if bad:
+                raise ValueError(f"member {i} has tensors of other shapes than the shared adapters: {bad[:3]}")
+        self.template = template
+        self.members = members
+        self._activate(0)
+
+    # ------------------------------------------------------------ building
+
+    @classmethod
+    def from_results(cls, results: Sequence[FitResult]) -> "EnsembleResult":
+        """An ensemble of fitted results of the same base model, adapters and guide (e.g. MAP runs of several seeds).
+
+        Each result's trainable tensors are copied; the first result's modules
+        serve every member, so the others (and their base-model copies) may be
+        dropped afterwards.
+        """
+        from pyro_blora.io import fingerprint
+
+        results = list(results)
+        if len(results) < 2:
+            raise ValueError(f"an ensemble needs at least 2 results, got {len(results)}")
+        first = results[0]
+        for i, other in enumerate(results[1:], start=1):
+            if type(other) is not type(first):
+                raise ValueError(f"result {i} is a {type(other).__name__}, result 0 a {type(first).__name__}: mix no methods")
+            if dict(other.guide.spec()) != dict(first.guide.spec()) or other.config != first.config:
+                raise ValueError(f"result {i} was fitted with another guide or BLoRAConfig than result 0")
+            if other.net is not first.net and fingerprint(other.net) != fingerprint(first.net):
+                raise ValueError(f"result {i} adapts another base model than result 0 (fingerprint mismatch)")
+        members = [
+            EnsembleMember(r.train_config.seed, r.state_dict_copy(), dict(r.history), list(r.validation)) for r in results
+        ]
+        return cls(first, members)
+
+    # ------------------------------------------------------------ the FitResult surface
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def model(self) -> Any:
+        return self.template.model
+
+    @property
+    def net(self) -> nn.Module:
+        return self.template.net
+
+    @property
+    def guide(self) -> Any:
+        return self.template.guide
+
+    @property
+    def config(self) -> BLoRAConfig:
+        return self.template.config
+
+    @property
+    def train_config(self) -> Any:
+        return self.template.train_config
+
+    @property
+    def task(self) -> Task:
+        return self.template.task
+
+    @property
+    def is_deterministic(self) -> bool:
+        return False
+
+    @property
+    def history(self) -> list[dict[str, list[float]]]:
+        """The training log of each member (:attr:`FitResult.history`), in member order."""
+        return [m.history for m in self.members]
+
+    @property
+    def validation(self) -> list[list[dict[str, float]]]:
+        return [m.validation for m in self.members]
+
+    def _activate(self, index: int) -> None:
+        self.template.load_state_dict_copy(self.members[index].state)
+
+    @contextlib.contextmanager
+    def member(self, index: int) -> Iterator[FitResult]:
+        """The shared modules holding member ``index``, as a :class:`FitResult`; member 0 is put back on exit."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"member {index} out of range for an ensemble of {self.size}")
+        self._activate(index)
+        try:
+            yield self.template
+        finally:
+            self._activate(0)
+
+    def can_stack(self) -> bool:
+        """Whether the members can share one forward: every adapted layer Bayesian, a plain guide-sampling result.
+
+        A plain LoRA layer reads its own parameters, not stacked draws, and a
+        result type with its own ``predict`` (e.g. MC dropout) is swapped member by member.
+        """
+        return type(self.template) is FitResult and all(layer.bayesian for layer in self.model.layers)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        data: Data,
+        num_samples: int = 4,
+        batch_size: int = 8,
+        stack_samples: bool = True,
+        seed: Optional[int] = None,
+    ) -> Prediction:
+        """The mixture predictive; ``sample_probs`` has one slice per member (times its own samples).
+
+        Member ``m`` draws its samples with ``seed + m`` when ``seed`` is given.
+        With ``stack_samples`` and :meth:`can_stack` all members run in one
+        forward per batch; otherwise each member's tensors are swapped in and it
+        predicts on its own (``stack_samples`` is then passed on to it).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        try:
+            if stack_samples and self.can_stack():
+                return self._predict_stacked(data, num_samples, batch_size, seed)
+            predictions = []
+            for m in range(self.size):
+                self._activate(m)
+                predictions.append(self.template.predict(
+                    data, num_samples=num_samples, batch_size=batch_size, stack_samples=stack_samples,
+                    seed=None if seed is None else seed + m,
+                ))
+            return combine_predictions(predictions)
+        finally:
+            self._activate(0)
+
+    def _predict_stacked(self, data: Data, num_samples: int, batch_size: int, seed: Optional[int]) -> Prediction:
+        per_member = 1 if self.template.is_deterministic else num_samples
+        draws: list[dict[str, Tensor]] = []
+        for m in range(self.size):
+            self._activate(m)
+            if seed is None:
+                draws.append(self.template.sample_weights(per_member))
+            else:  # as FitResult.predict(seed=seed + m) draws them, so both paths agree
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + m)
+                    draws.append(self.template.sample_weights(per_member))
+        stacked = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+        total = per_member * self.size
+        # every member has per_member slices, so the mean over all of them is the mean of the member means
+        return _MemberStack(self.template, stacked).predict(data, num_samples=total, batch_size=batch_size)
+
+    def evaluate(self, data: Data, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
+        """Metrics of the mixture predictive on labelled ``data`` (a JSON-ready dict)."""
+        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
+
+    # ------------------------------------------------------------ saving
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """One adapter folder per member (``member_<m>/``, see :mod:`pyro_blora.io`) plus ``method.json``."""
+        from pyro_blora.config import dump_json
+        from pyro_blora.io import _atomic_write
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = [f"member_{m}" for m in range(self.size)]
+        try:
+            for m, name in enumerate(names):
+                self._activate(m)
+                self.template.save(folder / name)
+        finally:
+            self._activate(0)
+        meta = {"method": self.method, "members": names, "seeds": [m.seed for m in self.members]}
+        _atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(dump_json(meta)))
+        return folder
+
+
+def load_ensemble(
+    path: Union[str, "os.PathLike[str]"],
+    model: nn.Module,
+    task: Optional[Task] = None,
+    guide: Any = None,
+    check_base: bool = True,
+) -> EnsembleResult:
+    """Rebuild an :class:`EnsembleResult` saved by :meth:`EnsembleResult.save` onto a fresh base ``model``.
+
+    Member 0 is loaded with :func:`pyro_blora.load` (its own method restored);
+    the others only contribute their tensors, after checking that they were
+    saved with the same adapters, guide and base model.
+    """
+    from safetensors.torch import load_file
+
+    from pyro_blora.io import WEIGHTS_NAME, load, read_config, read_json
+
+    folder = Path(path)
+    meta = read_json(folder / METHOD_FILE)
+    names = meta.get("members")
+    if not isinstance(names, list) or len(names) < 2:
+        raise ValueError(f"{folder / METHOD_FILE} lists no ensemble members (expected 'members': [>= 2 folders])")
+    seeds = meta.get("seeds") or [None] * len(names)
+    template = load(folder / names[0], model, task=task, guide=guide, check_base=check_base)
+    reference = read_config(folder / names[0])
+    members = [EnsembleMember(seeds[0], template.state_dict_copy())]
+    for name, seed in zip(names[1:], seeds[1:]):
+        config = read_config(folder / name)
+        for key in ("blora_config", "guide", "method", "layers"):
+            if config.get(key) != reference.get(key):
+                raise ValueError(f"{folder / name} was saved with another {key} than {folder / names[0]}")
+        if check_base and config["base_fingerprint"] != reference["base_fingerprint"]:
+            raise ValueError(f"{folder / name} was trained on another base model than {folder / names[0]}")
+        members.append(EnsembleMember(seed, load_file(str(folder / name / WEIGHTS_NAME))))
+    return EnsembleResult(template, members)
+
+
+# ------------------------------------------------------------ training
+
+
+def _member_spec(options: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown guide_options {unknown} for ensemble; valid options: {list(_OPTIONS)}")
+    size = options.get("size", DEFAULT_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"ensemble size must be an integer >= 2 (guide_options['size']), got {size!r}")
+    member = options.get("member", "delta")
+    if isinstance(member, str) and member in METHODS and member != "mc_dropout":
+        raise ValueError(
+            f"ensemble members cannot be {member!r}; use a guide family (delta, normal, mvn, flow) or 'mc_dropout'"
+        )
+    member_options = options.get("member_options") or {}
+    if not isinstance(member_options, dict):
+        raise ValueError(f"guide_options['member_options'] must be a dict, got {type(member_options).__name__}")
+    return size, member, member_options
+
+
+def _reinitialise(model: nn.Module, seed: int) -> None:
+    """Draw every adapter's parameters afresh with ``seed``, as injection would (the base is untouched)."""
+    from pyro_blora.models import BayesianLoRALinear
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for layer in adapted_layers(model):
+            fresh = BayesianLoRALinear(layer.base, layer.layer_name, layer.config, bayesian=layer.bayesian)
+            current = layer.state_dict(keep_vars=True)
+            for key, value in fresh.state_dict().items():
+                if not key.startswith("base."):
+                    current[key].copy_(value)
+
+
+def fit_ensemble(
+    model: nn.Module,
+    data: Data,
+    *,
+    task: Optional[Task] = None,
+    config: Union[BLoRAConfig, dict, None] = None,
+    guide_options: Optional[dict] = None,
+    val_data: Optional[Data] = None,
+    callbacks: Sequence[Any] = (),
+    resume_from: Union[str, "os.PathLike[str]", None] = None,
+    **train_options: Any,
+) -> EnsembleResult:
+    """Train ``k`` LoRA adapters of ``model`` from different random starts, one after the other.
+
+    Same arguments as :func:`pyro_blora.fit` (``guide="ensemble"`` lands here), with
+    ``guide_options`` = ``{"size": k (default 3), "member": guide of each member
+    (default "delta", MAP), "member_options": that guide's options}``. Member ``m``
+    is trained with seed ``seed + m``: its adapters are drawn afresh and its data
+    order differs. With ``checkpoint_dir`` each member checkpoints into
+    ``<checkpoint_dir>/member_<m>``; ``resume_from`` resumes every member that
+    has a checkpoint there and trains the others from the start.
+    """
+    from pyro_blora.training.checkpoint import LATEST_NAME
+    from pyro_blora.training.svi import fit
+
+    size, member_guide, member_options = _member_spec(dict(guide_options or {}))
+    if isinstance(config, dict):
+        config = config_from_dict(BLoRAConfig, config)
+    existing = adapted_layers(model)
+    if existing and config is not None and config != existing[0].config:
+        raise ValueError(
+            "the model already carries adapters built with another BLoRAConfig; "
+            "pass config=None to keep them, or call remove_adapters first"
+        )
+    if not existing:
+        inject_adapters(model, config or BLoRAConfig())
+    seed = int(train_options.pop("seed", 0))
+    checkpoint_dir = train_options.pop("checkpoint_dir", None)
+    members, template = [], None
+    for m in range(size):
+        _reinitialise(model, seed + m)
+        options = dict(train_options, seed=seed + m)
+        if checkpoint_dir is not None:
+            options["checkpoint_dir"] = str(Path(checkpoint_dir) / f"member_{m}")
+        resume = None
+        if resume_from is not None and (Path(resume_from) / f"member_{m}" / LATEST_NAME).is_file():
+            resume = Path(resume_from) / f"member_{m}"
+        result = fit(
+            model, data, member_guide, task=task, guide_options=member_options, val_data=val_data,
+            callbacks=callbacks, resume_from=resume, **options,
+        )
+        members.append(EnsembleMember(seed + m, result.state_dict_copy(), result.history, result.validation))
+        template = result  # the guides are alike; the last one serves every member
+    return EnsembleResult(template, members)

@@ -1,0 +1,353 @@
+"""Last-layer Laplace on the answer head: the ``fit(..., guide="laplace")`` baseline.
+
+MAP LoRA is trained first (``guide="delta"``); then the answer head's class
+weights ``W_ans`` (``C x H``: rows of ``W0 + (alpha / r) B A`` at the answer token
+ids, see :mod:`pyro_blora.baselines.laplace.head`) get a Gaussian posterior
+
+.. math::
+
+    q(W_{ans}) = \\mathcal{N}\\big(W_{MAP},\\ (\\mathrm{GGN} + \\tau I)^{-1}\\big),
+
+with the GGN of the training NLL in Kronecker (KFAC, default) or diagonal form
+(:mod:`pyro_blora.baselines.laplace.curvature`). Predictions use the linearised (GLM)
+predictive ``f(x) ~ N(W_MAP phi(x), Sigma_f(x))`` in closed form, averaged over
+Monte Carlo draws of ``f`` (``link_approx="mc"``) or by the probit approximation.
+The prior precision ``tau`` is picked on a log grid by validation NLL (the same
+predictive, with common random numbers across the grid) unless it is given.
+
+Options go in ``guide_options``: ``structure`` (``"kron"`` | ``"diag"``),
+``prior_precision`` (``tau``, None to tune), ``link_approx`` (``"mc"`` | ``"probit"``),
+``prior_precision_grid``, ``tune_samples``, ``tune_seed``.
+
+References: Daxberger et al., *Laplace Redux* (NeurIPS 2021, laplace-torch);
+Yang et al., *Bayesian Low-rank Adaptation for Large Language Models* (ICLR 2024);
+Kristiadi et al., *Being Bayesian, Even Just a Bit, Fixes Overconfidence* (ICML 2020).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pyro_blora.baselines.laplace.curvature import (
+    LINKS,
+    STRUCTURES,
+    HeadCurvature,
+    check_prior_precision,
+    predictive_sample_probs,
+)
+from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head
+from pyro_blora.methods import METHOD_FILE
+from pyro_blora.metrics import negative_log_likelihood
+from pyro_blora.result import FitResult, Prediction
+from pyro_blora.tasks.base import Task, TensorTask
+
+__all__ = ["LaplaceResult", "fit_laplace", "laplace_from_map", "load_laplace", "tune_prior_precision", "DEFAULT_GRID"]
+
+Data = Union[Dataset, DataLoader, Sequence[Any]]
+POSTERIOR_NAME = "laplace_posterior.safetensors"
+DEFAULT_GRID = tuple(float(t) for t in torch.logspace(-4, 6, 41, dtype=torch.float64))
+"""Prior precisions tried by default: 1e-4 .. 1e6, four per decade (the top end is nearly the MAP)."""
+_OPTIONS = ("structure", "prior_precision", "link_approx", "prior_precision_grid", "tune_samples", "tune_seed")
+_FORMAT = 1
+
+
+def _noise(shape: tuple[int, ...], seed: Optional[int]) -> Tensor:
+    """Standard normals from a private stream when ``seed`` is given, else from torch's global RNG."""
+    if seed is None:
+        return torch.randn(shape, dtype=torch.float64)
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _sample_probs(features: HeadFeatures, curvature: HeadCurvature, tau: float, link: str, noise: Optional[Tensor]) -> Tensor:
+    return predictive_sample_probs(features.mean, features.phi, curvature, tau, link, noise, features.keep)
+
+
+def tune_prior_precision(
+    curvature: HeadCurvature,
+    features: HeadFeatures,
+    grid: Sequence[float],
+    link_approx: str = "mc",
+    num_samples: int = 64,
+    seed: int = 0,
+) -> tuple[float, list[dict[str, float]]]:
+    """The ``tau`` of ``grid`` with the lowest validation NLL, and the NLL of every grid value.
+
+    Every ``tau`` sees the same ``num_samples`` standard-normal draws (common
+    random numbers), so the comparison is not blurred by Monte Carlo noise;
+    ties go to the first grid value.
+    """
+    if features.labels is None:
+        raise ValueError("tuning the prior precision needs labelled validation data")
+    noise = _noise((num_samples, *features.mean.shape), seed) if link_approx == "mc" else None
+    table = []
+    for tau in grid:
+        probs = _sample_probs(features, curvature, float(tau), link_approx, noise).mean(0)
+        table.append({"prior_precision": float(tau), "nll": negative_log_likelihood(probs, features.labels)})
+    best = min(range(len(table)), key=lambda i: table[i]["nll"])
+    return table[best]["prior_precision"], table
+
+
+class LaplaceResult:
+    """A MAP LoRA fit plus a Gaussian posterior over its answer head, with the ``FitResult`` surface.
+
+    Attributes:
+        map_result: the MAP :class:`FitResult` (the adapters, the task, the training history).
+        head: the answer head (:class:`~pyro_blora.baselines.laplace.head.AnswerHead`).
+        curvature: the GGN factors (:class:`~pyro_blora.baselines.laplace.curvature.HeadCurvature`).
+        prior_precision: ``tau``.
+        link_approx: ``"mc"`` or ``"probit"``.
+        tuning: the validation NLL of each grid value when ``tau`` was tuned, else ``[]``.
+    """
+
+    method = "laplace"
+    is_deterministic = False
+
+    def __init__(
+        self,
+        map_result: FitResult,
+        head: AnswerHead,
+        curvature: HeadCurvature,
+        prior_precision: float,
+        link_approx: str = "mc",
+        tuning: Optional[list[dict[str, float]]] = None,
+    ):
+        check_prior_precision(prior_precision)
+        if link_approx not in LINKS:
+            raise ValueError(f"unknown link_approx {link_approx!r}; choose one of {list(LINKS)}")
+        if (curvature.num_classes, curvature.num_features) != (len(head.ids), head.num_features):
+            raise ValueError(
+                f"the Laplace posterior is over a {curvature.num_classes} x {curvature.num_features} head but "
+                f"{head.name} gives {len(head.ids)} classes of {head.num_features} features"
+            )
+        self.map_result = map_result
+        self.head = head
+        self.curvature = curvature
+        self.prior_precision = float(prior_precision)
+        self.link_approx = link_approx
+        self.tuning = list(tuning or [])
+
+    @property
+    def net(self) -> Any:
+        return self.map_result.net
+
+    @property
+    def task(self) -> Task:
+        return self.map_result.task
+
+    @property
+    def config(self) -> Any:
+        return self.map_result.config
+
+    @property
+    def train_config(self) -> Any:
+        return self.map_result.train_config
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """The MAP run's training curves."""
+        return self.map_result.history
+
+    @property
+    def validation(self) -> list[dict[str, float]]:
+        return self.map_result.validation
+
+    @property
+    def structure(self) -> str:
+        return self.curvature.structure
+
+    def with_prior_precision(self, tau: float) -> "LaplaceResult":
+        """The same posterior at another ``tau`` (shares the network and the factors)."""
+        return LaplaceResult(self.map_result, self.head, self.curvature, tau, self.link_approx)
+
+    def features(self, data: Data, batch_size: int = 8) -> HeadFeatures:
+        """MAP logits and head inputs of ``data``, with the MAP adapters in place."""
+        self.map_result.use_posterior_mean()
+        return collect_features(self.net, self.task, self.head, data, batch_size)
+
+    def predict(self, data: Data, num_samples: int = 4, batch_size: int = 8, seed: Optional[int] = None) -> Prediction:
+        """Linearised predictive: ``softmax`` of ``num_samples`` draws ``f ~ N(W_MAP phi, Sigma_f(x))``.
+
+        With ``link_approx="probit"`` the prediction is deterministic (one "sample").
+        ``seed`` draws from a private stream; the global RNG is left as it was.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        features = self.features(data, batch_size)
+        noise = _noise((num_samples, *features.mean.shape), seed) if self.link_approx == "mc" else None
+        sample_probs = _sample_probs(features, self.curvature, self.prior_precision, self.link_approx, noise)
+        return Prediction(sample_probs.mean(0), sample_probs, features.labels)
+
+    def evaluate(self, data: Data, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
+        """Metrics of the linearised predictive on labelled ``data`` (a JSON-ready dict)."""
+        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
+
+    def use_posterior_mean(self) -> None:
+        """Put the MAP adapters in place: the Laplace posterior's mean network."""
+        self.map_result.use_posterior_mean()
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """The MAP adapter (:func:`pyro_blora.io.save`), the factors (safetensors) and ``method.json``."""
+        from pyro_blora.io import _atomic_write
+        from pyro_blora.io import save as save_adapter
+
+        folder = save_adapter(self.map_result, path)
+        tensors = {k: v.contiguous() for k, v in self.curvature.state().items()}
+        _atomic_write(folder / POSTERIOR_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        meta = {
+            "method": self.method, "format_version": _FORMAT, "structure": self.structure,
+            "prior_precision": self.prior_precision, "link_approx": self.link_approx,
+            "head": {"name": self.head.name, "kind": self.head.kind, "ids": self.head.ids, "bias": self.head.has_bias},
+            "num_classes": len(self.head.ids), "tuning": self.tuning,
+        }
+        _atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        return folder
+
+
+def _check_options(
+    structure: str, prior_precision: Optional[float], link_approx: str, grid: Sequence[float], tune_samples: int, val_data: Any
+) -> None:
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
+    if link_approx not in LINKS:
+        raise ValueError(f"unknown link_approx {link_approx!r}; choose one of {list(LINKS)}")
+    if prior_precision is not None:
+        check_prior_precision(prior_precision)
+        return
+    if val_data is None:
+        raise ValueError(
+            "last-layer Laplace tunes the prior precision on validation NLL: pass val_data (a validation split, "
+            "never the test split), or fix it with guide_options={'prior_precision': tau}"
+        )
+    if not grid:
+        raise ValueError("prior_precision_grid is empty")
+    for tau in grid:
+        check_prior_precision(float(tau))
+    if not (isinstance(tune_samples, int) and tune_samples >= 1):
+        raise ValueError(f"tune_samples must be an integer >= 1, got {tune_samples!r}")
+
+
+def laplace_from_map(
+    map_result: FitResult,
+    train_data: Data,
+    val_data: Optional[Data] = None,
+    *,
+    structure: str = "kron",
+    prior_precision: Optional[float] = None,
+    link_approx: str = "mc",
+    prior_precision_grid: Sequence[float] = DEFAULT_GRID,
+    tune_samples: int = 64,
+    tune_seed: int = 0,
+    batch_size: Optional[int] = None,
+) -> LaplaceResult:
+    """Fit a last-layer Laplace posterior around an already trained MAP LoRA result (no retraining).
+
+    Args:
+        map_result: a MAP fit (``guide="delta"``) whose task has an answer head.
+        train_data: the data the MAP was trained on; the GGN sums over it.
+        val_data: labelled validation data, to tune ``tau`` when it is not given.
+        structure: ``"kron"`` (KFAC) or ``"diag"``.
+        prior_precision: ``tau``; None tunes it on ``prior_precision_grid``.
+        link_approx: predictive by ``"mc"`` samples of ``f`` or the ``"probit"`` approximation.
+        tune_samples: draws of ``f`` per example when tuning with ``"mc"``.
+        tune_seed: seed of those draws.
+        batch_size: examples per forward (default: the MAP run's batch size).
+    """
+    if not isinstance(map_result, FitResult):
+        raise TypeError(f"laplace_from_map needs a FitResult of a MAP fit, got {type(map_result).__name__}")
+    if not map_result.is_deterministic:
+        raise ValueError("last-layer Laplace expands around the MAP: fit the adapters with guide='delta' first")
+    grid = tuple(float(t) for t in prior_precision_grid)
+    _check_options(structure, prior_precision, link_approx, grid, tune_samples, val_data)
+    head = find_head(map_result.net, map_result.task)
+    batch_size = batch_size or map_result.train_config.batch_size
+    map_result.use_posterior_mean()
+    train = collect_features(map_result.net, map_result.task, head, train_data, batch_size)
+    curvature = HeadCurvature(structure, len(head.ids), head.num_features)
+    curvature.update(train.phi, train.mean)
+    tuning: list[dict[str, float]] = []
+    if prior_precision is None:
+        val = collect_features(map_result.net, map_result.task, head, val_data, batch_size)  # type: ignore[arg-type]
+        prior_precision, tuning = tune_prior_precision(curvature, val, grid, link_approx, tune_samples, tune_seed)
+    return LaplaceResult(map_result, head, curvature, prior_precision, link_approx, tuning)
+
+
+def fit_laplace(
+    model: Any,
+    data: Data,
+    *,
+    task: Optional[Task] = None,
+    config: Any = None,
+    guide_options: Optional[dict] = None,
+    val_data: Optional[Data] = None,
+    callbacks: Sequence[Any] = (),
+    resume_from: Any = None,
+    **train_options: Any,
+) -> LaplaceResult:
+    """``fit(model, data, guide="laplace", ...)``: MAP LoRA, then last-layer Laplace on the answer head.
+
+    ``guide_options`` holds the Laplace options (see :func:`laplace_from_map`);
+    every other argument goes to the MAP run, :func:`pyro_blora.fit` with ``guide="delta"``.
+    Options and the task are checked before training.
+    """
+    from pyro_blora.training.svi import fit
+
+    options = dict(guide_options or {})
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for guide 'laplace'; valid options: {sorted(_OPTIONS)}")
+    grid = tuple(float(t) for t in options.get("prior_precision_grid", DEFAULT_GRID))
+    _check_options(
+        options.get("structure", "kron"), options.get("prior_precision"), options.get("link_approx", "mc"),
+        grid, options.get("tune_samples", 64), val_data,
+    )
+    find_head(model, task)  # a task without an answer head fails now, not after training
+    map_result = fit(
+        model, data, "delta", task=task, config=config, val_data=val_data, callbacks=callbacks,
+        resume_from=resume_from, **train_options,
+    )
+    return laplace_from_map(map_result, data, val_data, **options)
+
+
+def load_laplace(
+    path: Union[str, "os.PathLike[str]"],
+    model: Any,
+    task: Optional[Task] = None,
+    guide: Any = None,
+    check_base: bool = True,
+) -> LaplaceResult:
+    """Rebuild a :class:`LaplaceResult` from a folder written by its ``save`` (``pyro_blora.load`` calls this)."""
+    from pyro_blora.io import load_fit_result, read_json
+
+    folder = Path(path)
+    meta = read_json(folder / METHOD_FILE)
+    if meta.get("method") != "laplace" or meta.get("format_version") != _FORMAT:
+        raise ValueError(f"{folder / METHOD_FILE} is not a last-layer Laplace result of format {_FORMAT}")
+    saved = meta["head"]
+    if task is None:
+        if saved["kind"] == "answer_token":
+            raise ValueError("this Laplace result reads answer-token logits: pass task= (the task it was fitted with)")
+        task = TensorTask(meta["num_classes"])
+    file = folder / POSTERIOR_NAME
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{file} could not be read (missing, truncated or corrupted?): {err}") from err
+    curvature = HeadCurvature.from_state(meta["structure"], state)
+    ids = find_head(model, task).ids  # checked before load_fit_result injects adapters into the model
+    if ids != saved["ids"]:
+        raise ValueError(
+            f"the task's answer ids {ids} differ from those the Laplace posterior was fitted on {saved['ids']}; "
+            "pass the same task"
+        )
+    map_result = load_fit_result(folder, model, task=task, guide=guide, check_base=check_base)
+    head = find_head(map_result.net, task)
+    return LaplaceResult(map_result, head, curvature, meta["prior_precision"], meta["link_approx"], meta.get("tuning"))

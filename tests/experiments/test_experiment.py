@@ -1,0 +1,63 @@
+"""``compare``'s per-method pipeline runs every baseline and writes what the report reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pyro_blora import BLoRAConfig
+from pyro_blora.experiments.pipeline import ExperimentConfig, Prepared, run_method
+from pyro_blora.experiments.report import write_plots
+from pyro_blora.tasks import DatasetSplits
+from pyro_blora.tasks.causal_lm import AnswerTokenTask
+
+REVIEWS = [
+    {"text": "Worked wonders for my migraines, no side effects.", "label": 1},
+    {"text": "Terrible. Made me dizzy for a week and did nothing.", "label": 0},
+    {"text": "Great relief within days, I would take it again.", "label": 1},
+    {"text": "Awful nausea and no benefit at all.", "label": 0},
+]
+
+
+@pytest.fixture
+def prepared(tiny_llama, smollm2_tokenizer) -> Prepared:
+    task = AnswerTokenTask(smollm2_tokenizer, [" negative", " positive"], template="Review: {text}\nSentiment:",
+                           max_length=32)
+    splits = DatasetSplits(REVIEWS * 3, REVIEWS, REVIEWS, 2, ["negative", "positive"], "classification", "toy")
+    return Prepared(tiny_llama, task, splits, splits.train, splits.validation, splits.test, REVIEWS[:2])
+
+
+@pytest.mark.parametrize("method", ["mc_dropout", "ensemble", "blob", "laplace"])
+def test_run_method_fits_a_baseline_and_the_report_draws_it(prepared, method, tmp_path) -> None:
+    cfg = ExperimentConfig(methods=[method], target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"],
+                           trainable_layers=None, num_steps=2, batch_size=4, num_samples=2, output=str(tmp_path))
+    torch.manual_seed(0)
+    row = run_method(cfg, prepared, method, tmp_path)
+    assert row["method"] == method and 0.0 <= row["test"]["ece"] <= 1.0
+    folder = tmp_path / method
+    assert json.loads((folder / "metrics.json").read_text())["test"]["num_examples"] == len(REVIEWS)
+    assert (folder / "predictions.safetensors").is_file()
+    assert any(p.name.startswith("reliability") for p in write_plots(tmp_path))
+    assert not any(name.startswith("model.layers") for name, _ in prepared.net.named_modules() if "lora" in name)
+
+
+def test_unknown_method_names_the_baselines() -> None:
+    with pytest.raises(ValueError, match="mc_dropout"):
+        ExperimentConfig(methods=["dropout"])
+    with pytest.raises(ValueError, match="not a torch device"):
+        ExperimentConfig(device="gpu0")
+
+
+def test_blora_config_gives_mc_dropout_its_rate_and_cuts_targets_to_the_top_blocks(tiny_llama) -> None:
+    from pyro_blora.experiments.pipeline import blora_config, guide_options
+    from pyro_blora.baselines.mc_dropout import DEFAULT_DROPOUT
+
+    cfg = ExperimentConfig(target_modules=["q_proj"], trainable_layers=1)
+    assert blora_config(cfg, method="mc_dropout").dropout == DEFAULT_DROPOUT
+    assert blora_config(cfg, method="delta").dropout == BLoRAConfig().dropout
+    top = len(tiny_llama.model.layers) - 1
+    assert blora_config(cfg, tiny_llama).target_modules == [f"model.layers.{top}.self_attn.q_proj"]
+    assert guide_options(cfg, "flow") == {"transforms": ["affine_autoregressive"], "scale_max": cfg.scale_max}
+    assert guide_options(cfg, "delta") == {}
