@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from .config import BLoRAConfig, TrainConfig
     from .model import BayesianLoRAModel
 
-__all__ = ["FitResult", "Prediction", "TrainingState", "combine_predictions", "make_loader"]
+__all__ = [
+    "FitResult", "Posterior", "Prediction", "TrainingState", "WrappedPosterior", "combine_predictions", "make_loader",
+]
 
 
 def make_loader(
@@ -98,6 +100,59 @@ class TrainingState:
     def postfix(self) -> dict[str, str]:
         h = self.history
         return {"elbo": f"{h['elbo'][-1]:.4g}", "nll": f"{h['nll'][-1]:.3f}", "kl": f"{h['kl'][-1]:.4g}"}
+
+
+@runtime_checkable
+class Posterior(Protocol):
+    """What every method's result offers: :class:`FitResult`, the baselines' results and the post-hoc wrappers.
+
+    Reports, plots and the benchmark runner read only these; ``pyro_blora.load``
+    returns one and ``temperature_scale`` wraps one.
+    """
+
+    task: Task
+    config: Any
+    history: Any
+    validation: Any
+
+    @property
+    def net(self) -> nn.Module: ...
+
+    @property
+    def is_deterministic(self) -> bool: ...
+
+    def predict(self, data: Any, num_samples: int = 4, **options: Any) -> Prediction: ...
+
+    def evaluate(self, data: Any, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]: ...
+
+    def save(self, path: Any) -> Any: ...
+
+
+class WrappedPosterior:
+    """A posterior built on another one (``inner``): its modules, settings and training log are the inner's.
+
+    Subclasses (temperature scaling, ensembles, Laplace) override ``predict``
+    and ``save``; ``evaluate`` scores whatever ``predict`` returns.
+    """
+
+    inner: Any
+
+    task = property(lambda self: self.inner.task)
+    net = property(lambda self: self.inner.net)
+    model = property(lambda self: self.inner.model)
+    guide = property(lambda self: self.inner.guide)
+    config = property(lambda self: self.inner.config)
+    train_config = property(lambda self: self.inner.train_config)
+    history = property(lambda self: self.inner.history)
+    validation = property(lambda self: self.inner.validation)
+    is_deterministic = property(lambda self: self.inner.is_deterministic)
+
+    def predict(self, data: Any, num_samples: int = 4, **options: Any) -> Prediction:
+        raise NotImplementedError
+
+    def evaluate(self, data: Any, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
+        """Metrics of :meth:`predict` on labelled ``data`` (a JSON-ready dict)."""
+        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
 
 
 class FitResult:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from pyro_blora.config import BLoRAConfig, config_from_dict
 from pyro_blora.inject import adapted_layers, inject_adapters
 from pyro_blora.methods import METHOD_FILE, METHODS
-from pyro_blora.result import FitResult, Prediction, combine_predictions
+from pyro_blora.result import FitResult, Prediction, WrappedPosterior, combine_predictions
 from pyro_blora.tasks.base import Task
 
 __all__ = ["EnsembleMember", "EnsembleResult", "combine_predictions", "fit_ensemble", "load_ensemble", "DEFAULT_SIZE"]
@@ -73,7 +73,7 @@ class _MemberStack(FitResult):
         return self.draws
 
 
-class EnsembleResult:
+class EnsembleResult(WrappedPosterior):
     """``k`` LoRA adapters of one base model, predicting as an equally weighted mixture.
 
     Args:
@@ -137,28 +137,9 @@ class EnsembleResult:
         return len(self.members)
 
     @property
-    def model(self) -> Any:
-        return self.template.model
-
-    @property
-    def net(self) -> nn.Module:
-        return self.template.net
-
-    @property
-    def guide(self) -> Any:
-        return self.template.guide
-
-    @property
-    def config(self) -> BLoRAConfig:
-        return self.template.config
-
-    @property
-    def train_config(self) -> Any:
-        return self.template.train_config
-
-    @property
-    def task(self) -> Task:
-        return self.template.task
+    def inner(self) -> FitResult:
+        """The shared modules (:class:`WrappedPosterior`'s delegate)."""
+        return self.template
 
     @property
     def is_deterministic(self) -> bool:
@@ -242,10 +223,6 @@ class EnsembleResult:
         total = per_member * self.size
         # every member has per_member slices, so the mean over all of them is the mean of the member means
         return _MemberStack(self.template, stacked).predict(data, num_samples=total, batch_size=batch_size)
-
-    def evaluate(self, data: Data, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
-        """Metrics of the mixture predictive on labelled ``data`` (a JSON-ready dict)."""
-        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
 
     # ------------------------------------------------------------ saving
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.methods import METHOD_FILE
-from pyro_blora.result import Prediction
+from pyro_blora.result import Posterior, Prediction, WrappedPosterior
 from pyro_blora.tasks.base import Task
 
 __all__ = ["TemperatureScaledResult", "apply_temperature", "fit_temperature", "load_temperature_scaled", "temperature_scale"]
@@ -128,12 +128,12 @@ def apply_temperature(prediction: Prediction, temperature: float) -> Prediction:
     return Prediction(scaled.mean(0), scaled, prediction.labels)
 
 
-class TemperatureScaledResult:
+class TemperatureScaledResult(WrappedPosterior):
     """Any fitted result (FitResult, MC dropout, ensemble, ...) with its predictive scaled by ``temperature``."""
 
     method = "temperature"
 
-    def __init__(self, inner: Any, temperature: float):
+    def __init__(self, inner: Posterior, temperature: float):
         self.inner = inner
         self.temperature = _check_temperature(temperature)
 
@@ -141,32 +141,13 @@ class TemperatureScaledResult:
     def inner_method(self) -> Optional[str]:
         return getattr(self.inner, "method", None)
 
-    # the inner result's parts, for code written against FitResult (plots, reports)
-    task = property(lambda self: self.inner.task)
-    net = property(lambda self: self.inner.net)
-    model = property(lambda self: self.inner.model)
-    guide = property(lambda self: self.inner.guide)
-    config = property(lambda self: self.inner.config)
-
-    @property
-    def history(self) -> Any:
-        return self.inner.history
-
-    @property
-    def validation(self) -> Any:
-        return self.inner.validation
-
-    @property
-    def is_deterministic(self) -> bool:
-        return self.inner.is_deterministic
-
     def predict(self, data: Data, num_samples: int = 4, **options: Any) -> Prediction:
         """The inner result's prediction (same options: ``batch_size``, ``seed``, ...) scaled by ``temperature``."""
         return apply_temperature(self.inner.predict(data, num_samples=num_samples, **options), self.temperature)
 
     def evaluate(self, data: Data, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
-        """Metrics of the scaled predictive on labelled ``data`` (a JSON-ready dict)."""
-        out = self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
+        """Metrics of the scaled predictive on labelled ``data`` (a JSON-ready dict), with ``T``."""
+        out = super().evaluate(data, num_samples=num_samples, n_bins=n_bins, batch_size=batch_size)
         out["temperature"] = self.temperature
         return out
 

@@ -47,7 +47,7 @@ from pyro_blora.baselines.laplace.curvature import (
 from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head
 from pyro_blora.methods import METHOD_FILE
 from pyro_blora.metrics import negative_log_likelihood
-from pyro_blora.result import FitResult, Prediction
+from pyro_blora.result import FitResult, Prediction, WrappedPosterior
 from pyro_blora.tasks.base import Task, TensorTask
 
 __all__ = ["LaplaceResult", "fit_laplace", "laplace_from_map", "load_laplace", "tune_prior_precision", "DEFAULT_GRID"]
@@ -96,7 +96,7 @@ def tune_prior_precision(
     return table[best]["prior_precision"], table
 
 
-class LaplaceResult:
+class LaplaceResult(WrappedPosterior):
     """A MAP LoRA fit plus a Gaussian posterior over its answer head, with the ``FitResult`` surface.
 
     Attributes:
@@ -136,29 +136,9 @@ class LaplaceResult:
         self.tuning = list(tuning or [])
 
     @property
-    def net(self) -> Any:
-        return self.map_result.net
-
-    @property
-    def task(self) -> Task:
-        return self.map_result.task
-
-    @property
-    def config(self) -> Any:
-        return self.map_result.config
-
-    @property
-    def train_config(self) -> Any:
-        return self.map_result.train_config
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        """The MAP run's training curves."""
-        return self.map_result.history
-
-    @property
-    def validation(self) -> list[dict[str, float]]:
-        return self.map_result.validation
+    def inner(self) -> FitResult:
+        """The MAP fit the posterior is built on (:class:`WrappedPosterior`'s delegate)."""
+        return self.map_result
 
     @property
     def structure(self) -> str:
@@ -185,10 +165,6 @@ class LaplaceResult:
         noise = _noise((num_samples, *features.mean.shape), seed) if self.link_approx == "mc" else None
         sample_probs = _sample_probs(features, self.curvature, self.prior_precision, self.link_approx, noise)
         return Prediction(sample_probs.mean(0), sample_probs, features.labels)
-
-    def evaluate(self, data: Data, num_samples: int = 4, n_bins: int = 15, batch_size: int = 8) -> dict[str, float]:
-        """Metrics of the linearised predictive on labelled ``data`` (a JSON-ready dict)."""
-        return self.predict(data, num_samples=num_samples, batch_size=batch_size).metrics(n_bins)
 
     def use_posterior_mean(self) -> None:
         """Put the MAP adapters in place: the Laplace posterior's mean network."""
