@@ -9,30 +9,24 @@ posterior, and get calibrated class probabilities::
     metrics = pyro_blora.evaluate(result, test_data)
 """
 
-from typing import Any
-
+from .api import evaluate, fit, load
 from .baselines.ensemble import EnsembleResult
 from .baselines.laplace import LaplaceResult, laplace_from_map
 from .baselines.mc_dropout import MCDropoutResult
 from .baselines.temperature import TemperatureScaledResult, apply_temperature, fit_temperature, temperature_scale
 from .config import BLoRAConfig, TrainConfig
 from .inject import adapted_layers, inject_adapters, remove_adapters
-from .io import load, save
+from .io import save
 from .model import BayesianLoRAModel
-from .result import FitResult, Prediction, combine_predictions
-from .training.svi import fit
+from .result import FitResult, Posterior, Prediction, combine_predictions
 
 __version__ = "0.1.0"
-
-
-def evaluate(result: FitResult, data: Any, num_samples: int = 4, n_bins: int = 15) -> dict[str, float]:
-    """Metrics (ACC, ECE, MCE, NLL, Brier, uncertainty) of ``result``'s posterior predictive on ``data``."""
-    return result.evaluate(data, num_samples=num_samples, n_bins=n_bins)
 
 
 __all__ = [
     "BLoRAConfig",
     "BayesianLoRAModel",
+    "Posterior",
     "EnsembleResult",
     "FitResult",
     "LaplaceResult",

@@ -209,6 +209,3 @@ def config_from_dict(cls: type, values: Mapping[str, Any]):
         raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; valid options: {sorted(names)}")
     return cls(**dict(values))
 
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

@@ -13,9 +13,10 @@ as ``.base``; every parameter of the network is frozen (``requires_grad=False``)
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -23,7 +24,7 @@ from pyro_blora.models import BayesianLoRALinear, linear_shape
 
 from .config import BLoRAConfig
 
-__all__ = ["inject_adapters", "adapted_layers", "remove_adapters", "matches", "find_targets"]
+__all__ = ["inject_adapters", "adapted_layers", "remove_adapters", "matches", "find_targets", "restored_on_failure"]
 
 LayerFactory = Callable[..., BayesianLoRALinear]
 
@@ -109,3 +110,23 @@ def remove_adapters(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.base)
     return model
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """Leave ``model`` as it was if the block fails: adapters it injected removed, ``requires_grad`` restored.
+
+    Loading or fitting that injects adapters and then fails (a wrong base, a
+    corrupted file, a bad option) must not leave a half-adapted model behind, so
+    that the call can be corrected and retried on the same model.
+    """
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+    had_adapters = bool(adapted_layers(model))
+    try:
+        yield
+    except BaseException:
+        if not had_adapters:
+            remove_adapters(model)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise

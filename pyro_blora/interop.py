@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .config import BLoRAConfig
 from .inject import adapted_layers, inject_adapters, matches, remove_adapters
-from .io import _atomic_write, read_json
+from .io import atomic_write, read_json
 from .model import BayesianLoRAModel
 from .result import FitResult
 from .tasks.base import Task, TensorTask
@@ -124,8 +124,8 @@ def export_peft(
         "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path,
     }
-    _atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(folder / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / PEFT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return folder
 
 

@@ -20,27 +20,27 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from pyro_blora.guides import BayesianLoRAGuide
-from pyro_blora.guides.network import GuideSpec
+from .inject import adapted_layers
 
-from .config import BLoRAConfig, TrainConfig, config_from_dict
-from .inject import adapted_layers, inject_adapters, remove_adapters
-from .model import BayesianLoRAModel
-from .result import FitResult
-from .tasks.base import Task, TensorTask
+if TYPE_CHECKING:
+    from .result import FitResult
 
-__all__ = ["save", "load", "load_fit_result", "fingerprint", "ensure_writable", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = [
+    "CONFIG_NAME", "FORMAT_VERSION", "METHOD_FILE", "WEIGHTS_NAME", "atomic_write", "dump_json", "ensure_writable",
+    "fingerprint", "is_main_process", "read_config", "read_json", "read_method_file", "save", "write_method_file",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+METHOD_FILE = "method.json"
+"""A folder written by a baseline's ``save`` names its method and settings here: ``{"method": name, ...}``."""
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def save(result: FitResult, path: str | os.PathLike) -> Path:
+def save(result: "FitResult", path: str | os.PathLike) -> Path:
     """Write ``result`` to the folder ``path`` (created if missing); returns the folder.
 
     Files are written to temporary names and renamed, so an interrupted save
@@ -103,8 +103,8 @@ def save(result: FitResult, path: str | os.PathLike) -> Path:
         "method": getattr(result, "method", None),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in result.trainable_state().items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(dump_json(meta)))
     return folder
 
 
@@ -119,16 +119,54 @@ def ensure_writable(folder: Path) -> None:
         raise ValueError(f"output folder {folder} is not writable ({err.strerror or err}); choose another --output") from err
 
 
-def _atomic_write(target: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file beside ``target``, then rename it over ``target``.
+
+    An interrupted write never leaves a half-written file under the final name.
+    ``mkstemp`` creates the file mode 0600; it is given the user's umask (0644
+    by default), as any other file the user writes would be.
+    """
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def dump_json(obj: Any) -> str:
+    """``obj`` as the indented, key-sorted JSON every pyro_blora file uses."""
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def write_method_file(folder: Path, meta: Mapping[str, Any]) -> None:
+    """Write a baseline's ``method.json`` (``meta`` names the method and its settings) atomically."""
+    atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(dump_json(dict(meta))))
+
+
+def read_method_file(folder: Path, method: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A saved baseline's ``method.json``, checked to name ``method`` and hold the ``required`` keys."""
+    file = Path(folder) / METHOD_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {folder} is not a saved {method} result")
+    meta = read_json(file)
+    if not isinstance(meta, dict) or meta.get("method") != method:
+        found = meta.get("method") if isinstance(meta, dict) else None
+        raise ValueError(f"{file} holds a {found!r} result, not {method!r}")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ValueError(f"{file} holds no {missing} (a {method} result needs {list(required)})")
+    return meta
 
 
 def read_json(file: Path, what: str = "") -> Any:
@@ -148,122 +186,3 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {meta.get('format_version')!r}; this pyro_blora reads {FORMAT_VERSION}")
     return meta
-
-
-def load(
-    path: str | os.PathLike,
-    model: nn.Module,
-    task: Optional[Task] = None,
-    guide: Optional[GuideSpec] = None,
-    check_base: bool = True,
-) -> Any:
-    """Rebuild a fitted result from a folder written by its ``save``.
-
-    Folders of the baselines (MC dropout, ensembles, BLoB, Laplace, temperature
-    scaling) come back as their own result types (:data:`pyro_blora.methods.LOADERS`);
-    plain Bayesian-LoRA folders as a :class:`FitResult`.
-
-    Args:
-        path: the adapter folder.
-        model: a fresh copy of the base model (adapters are injected in place).
-        task: the task used for prediction (default :class:`TensorTask`).
-        guide: the guide family, needed only when it was a custom class or factory.
-        check_base: refuse a base model whose adapted weights differ from the
-            one the adapter was trained on.
-    """
-    from .methods import LOADERS, saved_method
-
-    method = saved_method(Path(path))
-    if method is not None:
-        if method not in LOADERS:
-            raise ValueError(f"{path} holds a {method!r} result, which this pyro_blora cannot load; known: {sorted(LOADERS)}")
-        return LOADERS[method](path, model, task=task, guide=guide, check_base=check_base)
-    return load_fit_result(path, model, task=task, guide=guide, check_base=check_base)
-
-
-def load_fit_result(
-    path: str | os.PathLike,
-    model: nn.Module,
-    task: Optional[Task] = None,
-    guide: Optional[GuideSpec] = None,
-    check_base: bool = True,
-    *,
-    layer_factory: Optional[Callable[..., Any]] = None,
-    build_guide: Optional[Callable[[BayesianLoRAModel, dict[str, Any]], nn.Module]] = None,
-) -> FitResult:
-    """The :class:`FitResult` (model, guide, settings) of an adapter folder; arguments as :func:`load`.
-
-    A baseline trained by the same loop (BLoB) rebuilds its layers with ``layer_factory``
-    (see :func:`~pyro_blora.inject.inject_adapters`) and its guide with
-    ``build_guide(bayes_model, saved_guide_spec)``.
-    """
-    meta = read_config(path)
-    file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: the adapter folder {path} is incomplete")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{file} could not be read (truncated or corrupted?): {err}") from err
-
-    config = config_from_dict(BLoRAConfig, meta["blora_config"])
-    if not isinstance(config.prior, str) or "." in config.prior:
-        raise ValueError(f"the adapter used a custom prior {config.prior!r}; pass BLoRAConfig.prior to inject it yourself")
-    if adapted_layers(model):
-        raise ValueError("load() needs a base model without adapters; it injects them itself")
-    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
-    inject_adapters(model, config, layer_factory)
-    try:
-        if check_base:
-            _check_base(meta, model)
-        task = task or TensorTask(meta.get("num_classes"))
-        bayes_model = BayesianLoRAModel(model, task, meta["num_data"])
-        spec = meta["guide"]
-        family = guide if guide is not None else spec["family"]
-        from pyro_blora.guides import GUIDES
-
-        if build_guide is not None:
-            bayes_guide = build_guide(bayes_model, spec)
-        elif isinstance(family, str) and family not in GUIDES:
-            raise ValueError(f"the adapter was trained with a custom guide {family!r}; pass guide= with its class or factory")
-        else:
-            bayes_guide = BayesianLoRAGuide(bayes_model.factors, family, config.lambda_init, config.lambda_max, **spec["options"])
-        result = FitResult(bayes_model, bayes_guide, config, config_from_dict(TrainConfig, meta["train_config"]), task)
-        current = result.trainable_state()
-        missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-        if missing or unexpected:
-            raise ValueError(
-                f"{file} does not match this model and guide: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        with torch.no_grad():
-            for key, value in tensors.items():
-                if current[key].shape != value.shape:
-                    raise ValueError(
-                        f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)}; "
-                        "the adapter was trained on a different base model"
-                    )
-                current[key].copy_(value)
-    except BaseException:
-        # leave the caller's model as it was, so that load() can be retried (e.g. with check_base=False)
-        remove_adapters(model)
-        for param, flag in requires_grad:
-            param.requires_grad_(flag)
-        raise
-    model.eval()
-    return result
-
-
-def _check_base(meta: dict[str, Any], model: nn.Module) -> None:
-    saved = meta["base_fingerprint"]
-    now = fingerprint(model)
-    if saved["shapes"] != now["shapes"]:
-        diff = [n for n in saved["shapes"] if now["shapes"].get(n) != saved["shapes"][n]][:3]
-        raise ValueError(
-            f"this adapter was trained on a base model with other adapted layers (first differences: {diff}); "
-            "load it onto the model it was trained on"
-        )
-    if saved["digest"] != now["digest"]:
-        raise ValueError(
-            "the base model's adapted weights differ from those the adapter was trained on (fingerprint mismatch); "
-            "load it onto the same checkpoint, or pass check_base=False if you know what you are doing"
-        )

@@ -1,76 +1,141 @@
-"""Baseline methods behind the same ``fit`` switch as the Bayesian-LoRA guides.
+"""The method registry: one record per method that ``pyro_blora.fit`` and ``pyro_blora.load`` dispatch through.
 
-``pyro_blora.fit(model, data, guide=name)`` takes a guide family of
-Bayesian-LoRA (``"flow"``, ``"normal"``, ``"mvn"``, ``"delta"``, see
-:data:`pyro_blora.guides.GUIDES`) or one of the baselines registered here,
-each a function with ``fit``'s signature (without ``guide``) that returns an
-object with the :class:`~pyro_blora.result.FitResult` surface
-(``predict``, ``evaluate``, ``save``, ``history``).
+A :class:`Method` names how a method trains (``fit``), how a saved folder of it
+comes back (``load``), its typed options (a frozen dataclass whose field
+metadata holds the help text), its display name and what the benchmark runner
+changes for it. Each method registers itself where it is defined: the
+Bayesian-LoRA guide families in :mod:`pyro_blora.training.svi`, the baselines
+in :mod:`pyro_blora.baselines`. Register your own with :func:`register_method`::
 
-Register your own with ``METHODS["mine"] = fit_mine``.
+    register_method(Method("mine", fit=fit_mine, options=MineOptions, load=load_mine))
+
+``fit_mine(model, data, request, options)`` gets a :class:`FitRequest` (every
+other argument of ``pyro_blora.fit``) and an instance of ``MineOptions``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-__all__ = ["METHODS", "LOADERS", "METHOD_FILE", "method_names", "saved_method"]
+from pyro_blora.io import METHOD_FILE, read_json
+from pyro_blora.restore import load_fit_result
 
-MethodFit = Callable[..., Any]
-
-
-def _mc_dropout(model: Any, data: Any, **kwargs: Any) -> Any:
-    from pyro_blora.baselines.mc_dropout import fit_mc_dropout
-
-    return fit_mc_dropout(model, data, **kwargs)
+__all__ = [
+    "METHODS", "METHOD_FILE", "FitRequest", "Method", "get_method", "load_saved", "method_names", "parse_options",
+    "register_method", "saved_method",
+]
 
 
-def _ensemble(model: Any, data: Any, **kwargs: Any) -> Any:
-    from pyro_blora.baselines.ensemble import fit_ensemble
 
-    return fit_ensemble(model, data, **kwargs)
+@dataclass(frozen=True)
+class FitRequest:
+    """Everything ``pyro_blora.fit`` was given besides the model, the data and the method's options."""
 
+    task: Any = None
+    config: Any = None
+    val_data: Any = None
+    callbacks: Sequence[Callable[..., Any]] = ()
+    resume_from: Optional["os.PathLike[str] | str"] = None
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~pyro_blora.config.TrainConfig` fields as given (``num_steps``, ``lr``, ...)."""
 
-def _blob(model: Any, data: Any, **kwargs: Any) -> Any:
-    from pyro_blora.baselines.blob.fit import fit_blob
+    def svi_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pyro_blora.training.svi.fit_svi` for this request."""
+        return dict(task=self.task, config=self.config, val_data=self.val_data, callbacks=self.callbacks,
+                    resume_from=self.resume_from, **self.train)
 
-    return fit_blob(model, data, **kwargs)
-
-
-def _laplace(model: Any, data: Any, **kwargs: Any) -> Any:
-    from pyro_blora.baselines.laplace.posterior import fit_laplace
-
-    return fit_laplace(model, data, **kwargs)
-
-
-METHODS: dict[str, MethodFit] = {
-    "mc_dropout": _mc_dropout,
-    "ensemble": _ensemble,
-    "blob": _blob,
-    "laplace": _laplace,
-}
-"""Baseline methods by name (the Bayesian-LoRA guide families are in ``GUIDES``)."""
+    def with_train(self, **changes: Any) -> "FitRequest":
+        """The same request with some training options changed."""
+        return dataclasses.replace(self, train={**self.train, **changes})
 
 
-def method_names() -> list[str]:
-    """Every name ``fit(guide=...)`` accepts: guide families and baselines."""
-    from pyro_blora.guides import GUIDES
+def parse_options(options_type: type, value: Any, method: str) -> Any:
+    """``value`` (None, a dict, or already an ``options_type``) as an ``options_type``; unknown keys are named."""
+    if isinstance(value, options_type):
+        return value
+    if value is None:
+        return options_type()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"options of {method!r} must be a dict or a {options_type.__name__}, got {type(value).__name__}")
+    valid = [f.name for f in dataclasses.fields(options_type)]
+    unknown = sorted(set(value) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    return options_type(**value)
 
-    return sorted(set(GUIDES) | set(METHODS))
+
+FitFunction = Callable[[Any, Any, FitRequest, Any], Any]
+LoadFunction = Callable[..., Any]
 
 
-METHOD_FILE = "method.json"
-"""A folder written by a baseline's ``save`` names its method here: ``{"method": name, ...}``."""
+@dataclass(frozen=True)
+class Method:
+    """One method of the registry.
+
+    Attributes:
+        name: what ``fit(guide=...)``, ``--method`` and saved folders call it.
+        fit: ``fit(model, data, request, options) -> result``; None for a post-hoc
+            method that wraps a finished result (temperature scaling).
+        options: a frozen dataclass of the method's options, help text in field metadata.
+        load: ``load(path, model, task=, guide=, check_base=)`` for a folder the method's
+            result saved; None for a plain Bayesian-LoRA adapter folder.
+        display_name: how tables and plots name it.
+        benchmark_defaults: what the compare pipeline changes for it (ExperimentConfig fields).
+        bayesian_lora: a guide family of Bayesian-LoRA itself (not a baseline).
+    """
+
+    name: str
+    fit: Optional[FitFunction]
+    options: type
+    load: Optional[LoadFunction] = None
+    display_name: str = ""
+    benchmark_defaults: Mapping[str, Any] = field(default_factory=dict)
+    bayesian_lora: bool = False
+
+    def parse_options(self, value: Any) -> Any:
+        """The method's options from a dict (the old ``guide_options``), None or a ready record."""
+        return parse_options(self.options, value, self.name)
+
+    def option_help(self) -> dict[str, str]:
+        """Each option's name and help text, for ``--help`` listings."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(self.options)}
+
+
+METHODS: dict[str, Method] = {}
+"""Every registered method by name."""
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS`; a second method of the same name needs ``replace=True``."""
+    if not dataclasses.is_dataclass(method.options):
+        raise TypeError(f"method {method.name!r}: options must be a dataclass type, got {method.options!r}")
+    if method.name in METHODS and not replace and METHODS[method.name] != method:
+        raise ValueError(f"a method named {method.name!r} is registered already; pass replace=True to override it")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The record of ``name``, or an error listing every registered method."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {method_names()}")
+    return METHODS[name]
+
+
+def method_names(trainable: bool = True) -> list[str]:
+    """Every name ``fit(guide=...)`` accepts (``trainable=False``: also the post-hoc ones)."""
+    return sorted(name for name, m in METHODS.items() if m.fit is not None or not trainable)
 
 
 def saved_method(folder: Path) -> Optional[str]:
     """The method a saved folder holds: ``method.json``, else the adapter config's ``method`` key, else None."""
     marker = folder / METHOD_FILE
     if marker.is_file():
-        from .io import read_json
-
         return read_json(marker).get("method")
     config = folder / "adapter_config.json"
     if config.is_file():
@@ -81,20 +146,11 @@ def saved_method(folder: Path) -> Optional[str]:
     return None
 
 
-def _load(module: str, function: str) -> Callable[..., Any]:
-    def load(path: Any, model: Any, **kwargs: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(f"pyro_blora.{module}"), function)(path, model, **kwargs)
-
-    return load
-
-
-LOADERS: dict[str, Callable[..., Any]] = {
-    "mc_dropout": _load("baselines.mc_dropout", "load_mc_dropout"),
-    "ensemble": _load("baselines.ensemble", "load_ensemble"),
-    "temperature": _load("baselines.temperature", "load_temperature_scaled"),
-    "blob": _load("baselines.blob.fit", "load_blob"),
-    "laplace": _load("baselines.laplace.posterior", "load_laplace"),
-}
-"""How :func:`pyro_blora.load` rebuilds a saved baseline: ``loader(path, model, task=, guide=, check_base=)``."""
+def load_saved(path: "str | os.PathLike[str]", model: Any, **kwargs: Any) -> Any:
+    """Rebuild whatever result ``path`` holds, through its method's loader (``kwargs``: ``task``, ``guide``, ``check_base``)."""
+    name = saved_method(Path(path))
+    if name is None:
+        return load_fit_result(path, model, **kwargs)
+    if name not in METHODS:
+        raise ValueError(f"{path} holds a {name!r} result, which this pyro_blora cannot load; known: {method_names(False)}")
+    return (METHODS[name].load or load_fit_result)(path, model, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
 
@@ -83,6 +84,11 @@ class TrainingState:
         "step": [], "loss": [], "elbo": [], "nll": [], "kl": [], "beta": [], "lr": []
     })
     validation: list[dict[str, float]] = field(default_factory=list)
+    num_data: int = 0
+    position: tuple[int, int] = (0, 0)
+    """Where the data stands after this step: ``(epoch, batches of it consumed)``, for checkpoints."""
+    interrupted: bool = False
+    """Ctrl-C arrived during this step: checkpoint now and stop."""
 
     def record(self, loss: float, nll: float, num_data: int, beta: float, lr: float) -> None:
         """Split the loss ``N * nll + beta * KL`` into its parts and log the unweighted ELBO."""
@@ -98,8 +104,12 @@ class TrainingState:
         self.result.validation = self.validation
 
     def postfix(self) -> dict[str, str]:
+        """The progress bar's numbers: the per-example NLL, and the KL per training example (none for MAP, which has no q)."""
         h = self.history
-        return {"elbo": f"{h['elbo'][-1]:.4g}", "nll": f"{h['nll'][-1]:.3f}", "kl": f"{h['kl'][-1]:.4g}"}
+        out = {"nll": f"{h['nll'][-1]:.3f}"}
+        if not self.result.is_deterministic and self.num_data and math.isfinite(h["kl"][-1]):
+            out["kl/N"] = f"{h['kl'][-1] / self.num_data:.4g}"
+        return out
 
 
 @runtime_checkable

@@ -23,25 +23,28 @@ predictions (e.g. MAP runs of different seeds), without retraining.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.config import BLoRAConfig, config_from_dict
 from pyro_blora.inject import adapted_layers, inject_adapters
-from pyro_blora.methods import METHOD_FILE, METHODS
+from pyro_blora.io import METHOD_FILE, WEIGHTS_NAME, fingerprint, read_config, read_method_file, write_method_file
+from pyro_blora.methods import METHODS, FitRequest, Method, get_method, load_saved, register_method
+from pyro_blora.training.checkpoint import LATEST_NAME
 from pyro_blora.result import FitResult, Prediction, WrappedPosterior, combine_predictions
 from pyro_blora.tasks.base import Task
 
-__all__ = ["EnsembleMember", "EnsembleResult", "combine_predictions", "fit_ensemble", "load_ensemble", "DEFAULT_SIZE"]
+__all__ = ["EnsembleMember", "EnsembleResult", "combine_predictions", "EnsembleOptions", "fit_ensemble", "load_ensemble", "DEFAULT_SIZE"]
 
 DEFAULT_SIZE = 3
-_OPTIONS = ("size", "member", "member_options")
 Data = Union[Dataset, DataLoader, Sequence[Any]]
 
 
@@ -112,8 +115,6 @@ class EnsembleResult(WrappedPosterior):
         serve every member, so the others (and their base-model copies) may be
         dropped afterwards.
         """
-        from pyro_blora.io import fingerprint
-
         results = list(results)
         if len(results) < 2:
             raise ValueError(f"an ensemble needs at least 2 results, got {len(results)}")
@@ -228,9 +229,6 @@ class EnsembleResult(WrappedPosterior):
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """One adapter folder per member (``member_<m>/``, see :mod:`pyro_blora.io`) plus ``method.json``."""
-        from pyro_blora.config import dump_json
-        from pyro_blora.io import _atomic_write
-
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         names = [f"member_{m}" for m in range(self.size)]
@@ -241,7 +239,7 @@ class EnsembleResult(WrappedPosterior):
         finally:
             self._activate(0)
         meta = {"method": self.method, "members": names, "seeds": [m.seed for m in self.members]}
-        _atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(dump_json(meta)))
+        write_method_file(folder, meta)
         return folder
 
 
@@ -258,17 +256,13 @@ def load_ensemble(
     the others only contribute their tensors, after checking that they were
     saved with the same adapters, guide and base model.
     """
-    from safetensors.torch import load_file
-
-    from pyro_blora.io import WEIGHTS_NAME, load, read_config, read_json
-
     folder = Path(path)
-    meta = read_json(folder / METHOD_FILE)
+    meta = read_method_file(folder, "ensemble")
     names = meta.get("members")
     if not isinstance(names, list) or len(names) < 2:
         raise ValueError(f"{folder / METHOD_FILE} lists no ensemble members (expected 'members': [>= 2 folders])")
     seeds = meta.get("seeds") or [None] * len(names)
-    template = load(folder / names[0], model, task=task, guide=guide, check_base=check_base)
+    template = load_saved(folder / names[0], model, task=task, guide=guide, check_base=check_base)
     reference = read_config(folder / names[0])
     members = [EnsembleMember(seeds[0], template.state_dict_copy())]
     for name, seed in zip(names[1:], seeds[1:]):
@@ -285,22 +279,26 @@ def load_ensemble(
 # ------------------------------------------------------------ training
 
 
-def _member_spec(options: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown guide_options {unknown} for ensemble; valid options: {list(_OPTIONS)}")
-    size = options.get("size", DEFAULT_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-        raise ValueError(f"ensemble size must be an integer >= 2 (guide_options['size']), got {size!r}")
-    member = options.get("member", "delta")
-    if isinstance(member, str) and member in METHODS and member != "mc_dropout":
-        raise ValueError(
-            f"ensemble members cannot be {member!r}; use a guide family (delta, normal, mvn, flow) or 'mc_dropout'"
-        )
-    member_options = options.get("member_options") or {}
-    if not isinstance(member_options, dict):
-        raise ValueError(f"guide_options['member_options'] must be a dict, got {type(member_options).__name__}")
-    return size, member, member_options
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """Options of ``fit(guide="ensemble")``."""
+
+    size: int = field(default=DEFAULT_SIZE, metadata={"help": "Number of members k (>= 2)."})
+    member: str = field(default="delta", metadata={"help": "Method of each member: a guide family or mc_dropout."})
+    member_options: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "Options of the members' method."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 2:
+            raise ValueError(f"ensemble size must be an integer >= 2 (guide_options['size']), got {self.size!r}")
+        if not isinstance(self.member_options, Mapping):
+            raise ValueError(f"guide_options['member_options'] must be a dict, got {type(self.member_options).__name__}")
+
+
+def _member_method(name: str) -> Method:
+    """The registry record the members are trained with: a Bayesian-LoRA family or MC dropout, never another ensemble."""
+    if name in METHODS and not METHODS[name].bayesian_lora and name != "mc_dropout":
+        raise ValueError(f"ensemble members cannot be {name!r}; use a guide family (delta, normal, mvn, flow) or 'mc_dropout'")
+    return get_method(name)
 
 
 def _reinitialise(model: nn.Module, seed: int) -> None:
@@ -317,32 +315,20 @@ def _reinitialise(model: nn.Module, seed: int) -> None:
                     current[key].copy_(value)
 
 
-def fit_ensemble(
-    model: nn.Module,
-    data: Data,
-    *,
-    task: Optional[Task] = None,
-    config: Union[BLoRAConfig, dict, None] = None,
-    guide_options: Optional[dict] = None,
-    val_data: Optional[Data] = None,
-    callbacks: Sequence[Any] = (),
-    resume_from: Union[str, "os.PathLike[str]", None] = None,
-    **train_options: Any,
-) -> EnsembleResult:
+def fit_ensemble(model: nn.Module, data: Data, request: FitRequest, options: EnsembleOptions) -> EnsembleResult:
     """Train ``k`` LoRA adapters of ``model`` from different random starts, one after the other.
 
-    Same arguments as :func:`pyro_blora.fit` (``guide="ensemble"`` lands here), with
-    ``guide_options`` = ``{"size": k (default 3), "member": guide of each member
-    (default "delta", MAP), "member_options": that guide's options}``. Member ``m``
+    What ``pyro_blora.fit(model, data, guide="ensemble", ...)`` runs, with
+    ``options`` = ``{"size": k (default 3), "member": method of each member
+    (default "delta", MAP), "member_options": that method's options}``. Member ``m``
     is trained with seed ``seed + m``: its adapters are drawn afresh and its data
     order differs. With ``checkpoint_dir`` each member checkpoints into
     ``<checkpoint_dir>/member_<m>``; ``resume_from`` resumes every member that
     has a checkpoint there and trains the others from the start.
     """
-    from pyro_blora.training.checkpoint import LATEST_NAME
-    from pyro_blora.training.svi import fit
-
-    size, member_guide, member_options = _member_spec(dict(guide_options or {}))
+    member_method = _member_method(options.member)
+    member_options = member_method.parse_options(dict(options.member_options)) if member_method.fit else None
+    config = request.config
     if isinstance(config, dict):
         config = config_from_dict(BLoRAConfig, config)
     existing = adapted_layers(model)
@@ -353,21 +339,26 @@ def fit_ensemble(
         )
     if not existing:
         inject_adapters(model, config or BLoRAConfig())
-    seed = int(train_options.pop("seed", 0))
-    checkpoint_dir = train_options.pop("checkpoint_dir", None)
+    train = dict(request.train)
+    seed = int(train.pop("seed", 0))
+    checkpoint_dir = train.pop("checkpoint_dir", None)
     members, template = [], None
-    for m in range(size):
+    for m in range(options.size):
         _reinitialise(model, seed + m)
-        options = dict(train_options, seed=seed + m)
+        member_train = dict(train, seed=seed + m)
         if checkpoint_dir is not None:
-            options["checkpoint_dir"] = str(Path(checkpoint_dir) / f"member_{m}")
+            member_train["checkpoint_dir"] = str(Path(checkpoint_dir) / f"member_{m}")
         resume = None
-        if resume_from is not None and (Path(resume_from) / f"member_{m}" / LATEST_NAME).is_file():
-            resume = Path(resume_from) / f"member_{m}"
-        result = fit(
-            model, data, member_guide, task=task, guide_options=member_options, val_data=val_data,
-            callbacks=callbacks, resume_from=resume, **options,
-        )
+        if request.resume_from is not None and (Path(request.resume_from) / f"member_{m}" / LATEST_NAME).is_file():
+            resume = Path(request.resume_from) / f"member_{m}"
+        member_request = dataclasses.replace(request, config=None, resume_from=resume, train=member_train)
+        result = member_method.fit(model, data, member_request, member_options)  # type: ignore[misc]
         members.append(EnsembleMember(seed + m, result.state_dict_copy(), result.history, result.validation))
         template = result  # the guides are alike; the last one serves every member
     return EnsembleResult(template, members)
+
+
+register_method(Method(
+    "ensemble", fit_ensemble, EnsembleOptions, load=load_ensemble, display_name="deep ensemble",
+    benchmark_defaults={"size": DEFAULT_SIZE},
+))

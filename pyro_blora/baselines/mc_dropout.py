@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from torch import nn
@@ -30,15 +31,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.config import BLoRAConfig, config_from_dict
 from pyro_blora.inject import adapted_layers
+from pyro_blora.methods import FitRequest, Method, register_method
+from pyro_blora.restore import load_fit_result
 from pyro_blora.result import FitResult
+from pyro_blora.training.svi import fit_svi
 from pyro_blora.tasks.base import Task
 
-__all__ = ["MCDropoutResult", "fit_mc_dropout", "load_mc_dropout", "DEFAULT_DROPOUT"]
+__all__ = ["MCDropoutOptions", "MCDropoutResult", "fit_mc_dropout", "load_mc_dropout", "DEFAULT_DROPOUT"]
 
 DEFAULT_DROPOUT = 0.1
 """Dropout rate of the LoRA path when the caller gives no config (the Bayesian-LoRA paper's MC-dropout baseline)."""
 
-_OPTIONS = ("dropout",)
 
 
 class MCDropoutResult(FitResult):
@@ -91,17 +94,26 @@ def _check_dropout(layers: Sequence[nn.Module]) -> None:
         )
 
 
-def _resolve_config(model: nn.Module, config: Union[BLoRAConfig, dict, None], options: dict[str, Any]) -> Optional[BLoRAConfig]:
-    """The config to fit with: the caller's (or p = 0.1 when none), with ``guide_options['dropout']`` applied."""
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown guide_options {unknown} for mc_dropout; valid options: {list(_OPTIONS)}")
+@dataclass(frozen=True)
+class MCDropoutOptions:
+    """Options of ``fit(guide="mc_dropout")``."""
+
+    dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Dropout rate p on the LoRA path, kept on at prediction (None: BLoRAConfig.dropout, "
+                          f"or {DEFAULT_DROPOUT} when no config is given)."},
+    )
+    # the rate is checked where it lands, by BLoRAConfig (0 <= p < 1) and _resolve_config (p > 0)
+
+
+def _resolve_config(model: nn.Module, config: Union[BLoRAConfig, dict, None], options: MCDropoutOptions) -> Optional[BLoRAConfig]:
+    """The config to fit with: the caller's (or p = 0.1 when none), with ``options.dropout`` applied."""
     if isinstance(config, dict):
         config = config_from_dict(BLoRAConfig, config)
     existing = adapted_layers(model)
     if existing:
         # fit() keeps adapters already in place; their dropout is what MC dropout will sample
-        if "dropout" in options and options["dropout"] != existing[0].config.dropout:
+        if options.dropout is not None and options.dropout != existing[0].config.dropout:
             raise ValueError(
                 f"the model already carries adapters with dropout {existing[0].config.dropout}; "
                 "guide_options['dropout'] cannot change it (call remove_adapters first)"
@@ -110,8 +122,8 @@ def _resolve_config(model: nn.Module, config: Union[BLoRAConfig, dict, None], op
         return config
     if config is None:
         config = BLoRAConfig(dropout=DEFAULT_DROPOUT)
-    if "dropout" in options:
-        config = dataclasses.replace(config, dropout=float(options["dropout"]))
+    if options.dropout is not None:
+        config = dataclasses.replace(config, dropout=float(options.dropout))
     if config.dropout <= 0:
         raise ValueError(
             "MC dropout needs dropout > 0 on the LoRA path, got BLoRAConfig.dropout = 0; "
@@ -120,40 +132,28 @@ def _resolve_config(model: nn.Module, config: Union[BLoRAConfig, dict, None], op
     return config
 
 
-def fit_mc_dropout(
-    model: nn.Module,
-    data: Union[Dataset, DataLoader, Sequence[Any]],
-    *,
-    task: Optional[Task] = None,
-    config: Union[BLoRAConfig, dict, None] = None,
-    guide_options: Optional[dict] = None,
-    val_data: Union[Dataset, DataLoader, Sequence[Any], None] = None,
-    callbacks: Sequence[Any] = (),
-    resume_from: Union[str, "os.PathLike[str]", None] = None,
-    **train_options: Any,
-) -> MCDropoutResult:
+def fit_mc_dropout(model: nn.Module, data: Any, request: FitRequest, options: MCDropoutOptions) -> MCDropoutResult:
     """Train MAP LoRA with dropout on the LoRA path; predict with the dropout kept on.
 
-    Same arguments as :func:`pyro_blora.fit` (``guide="mc_dropout"`` lands here).
-    ``config.dropout`` is the rate ``p`` (``0.1`` when ``config`` is None; 0 is an
-    error); ``guide_options={"dropout": p}`` overrides it, so one config can be
-    shared with the other methods of a benchmark.
+    What ``pyro_blora.fit(model, data, guide="mc_dropout", ...)`` runs. ``config.dropout``
+    is the rate ``p`` (``0.1`` when ``config`` is None; 0 is an error);
+    ``options.dropout`` overrides it, so one config can be shared with the other
+    methods of a benchmark.
 
     Returns:
         An :class:`MCDropoutResult`; ``predict(data, num_samples=S)`` averages ``S`` masks.
     """
-    from pyro_blora.training.svi import fit
-
-    config = _resolve_config(model, config, dict(guide_options or {}))
-    result = fit(
-        model, data, "delta", task=task, config=config, val_data=val_data,
-        callbacks=callbacks, resume_from=resume_from, **train_options,
-    )
+    config = _resolve_config(model, request.config, options)
+    result = fit_svi(model, data, "delta", **{**request.svi_arguments(), "config": config})
     return MCDropoutResult.from_fit_result(result)
 
 
 def load_mc_dropout(path: Any, model: nn.Module, **kwargs: Any) -> MCDropoutResult:
     """Rebuild a saved :class:`MCDropoutResult` (what :func:`pyro_blora.load` calls for ``"mc_dropout"`` folders)."""
-    from pyro_blora.io import load_fit_result
-
     return MCDropoutResult.from_fit_result(load_fit_result(path, model, **kwargs))
+
+
+register_method(Method(
+    "mc_dropout", fit_mc_dropout, MCDropoutOptions, load=load_mc_dropout, display_name="MC dropout",
+    benchmark_defaults={"dropout": DEFAULT_DROPOUT},
+))

@@ -26,6 +26,7 @@ honest estimate.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -34,7 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pyro_blora.methods import METHOD_FILE
+from pyro_blora.io import read_method_file, write_method_file
+from pyro_blora.methods import Method, load_saved, register_method
+from pyro_blora.model import check_labels
 from pyro_blora.result import Posterior, Prediction, WrappedPosterior
 from pyro_blora.tasks.base import Task
 
@@ -84,8 +87,6 @@ def fit_temperature(prediction: Prediction, bounds: tuple[float, float] = (1e-2,
     against a local minimum. Zero probabilities are floored at float32's
     smallest normal number.
     """
-    from pyro_blora.model import check_labels
-
     if prediction.labels is None:
         raise ValueError("fit_temperature needs a labelled validation Prediction; this one has no labels")
     lo, hi = (float(b) for b in bounds)
@@ -153,18 +154,15 @@ class TemperatureScaledResult(WrappedPosterior):
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """The inner result into ``<path>/inner`` (its own format) and ``method.json`` with ``T``."""
-        from pyro_blora.config import dump_json
-        from pyro_blora.io import _atomic_write
-
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.inner.save(folder / _INNER)
         meta = {"method": self.method, "temperature": self.temperature, "inner": _INNER, "inner_method": self.inner_method}
-        _atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(dump_json(meta)))
+        write_method_file(folder, meta)
         return folder
 
 
-def temperature_scale(result: Any, val_data: Data, num_samples: int = 4, **predict_options: Any) -> TemperatureScaledResult:
+def temperature_scale(result: Posterior, val_data: Data, num_samples: int = 4, **predict_options: Any) -> TemperatureScaledResult:
     """Fit ``T`` on ``result``'s predictive of the labelled *validation* ``val_data`` and wrap ``result`` with it.
 
     ``predict_options`` (``batch_size``, ``seed``, ...) go to ``result.predict``.
@@ -186,11 +184,19 @@ def load_temperature_scaled(
     check_base: bool = True,
 ) -> TemperatureScaledResult:
     """Rebuild a saved :class:`TemperatureScaledResult`; the inner result comes back through :func:`pyro_blora.load`."""
-    from pyro_blora.io import load, read_json
-
     folder = Path(path)
-    meta = read_json(folder / METHOD_FILE)
-    if "temperature" not in meta:
-        raise ValueError(f"{folder / METHOD_FILE} holds no 'temperature'")
-    inner = load(folder / meta.get("inner", _INNER), model, task=task, guide=guide, check_base=check_base)
+    meta = read_method_file(folder, "temperature", required=("temperature",))
+    inner = load_saved(folder / meta.get("inner", _INNER), model, task=task, guide=guide, check_base=check_base)
     return TemperatureScaledResult(inner, meta["temperature"])
+
+
+@dataclass(frozen=True)
+class TemperatureOptions:
+    """Options of post-hoc temperature scaling (:func:`temperature_scale`)."""
+
+    bounds: tuple[float, float] = field(default=(1e-2, 1e2), metadata={"help": "Search interval of T (validation NLL)."})
+
+
+register_method(Method(
+    "temperature", None, TemperatureOptions, load=load_temperature_scaled, display_name="temperature scaling",
+))

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.training.svi import fit
+from pyro_blora.api import fit
 from pyro_blora.inject import remove_adapters
 from pyro_blora.io import ensure_writable
 from pyro_blora.tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
@@ -336,7 +336,7 @@ def compare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> list[di
 
 def evaluate_adapter(cfg: ExperimentConfig, adapter: str | Path) -> dict[str, Any]:
     """Metrics of a saved adapter on ``cfg``'s task: validation and test splits."""
-    from pyro_blora.io import load
+    from pyro_blora.api import load
 
     prepared = prepare(cfg)
     result = load(adapter, prepared.net, task=prepared.task)

@@ -1,4 +1,4 @@
-"""``fit``: stochastic variational inference on the ELBO of a Bayesian-LoRA network.
+"""``fit_svi``: stochastic variational inference on the ELBO of a Bayesian-LoRA network.
 
 One step draws a minibatch, runs the guide and the model under
 ``TraceMeanField_ELBO`` (closed-form KL where one is registered: Gaussian
@@ -23,23 +23,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pyro_blora.guides import BayesianLoRAGuide
+from pyro_blora.guides.options import DeltaOptions, FlowOptions, MultivariateNormalOptions, NormalOptions, changed_options
 from pyro_blora.guides.network import GuideSpec
 from pyro_blora.models.priors import shared_geometry
 
-from pyro_blora.training.checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, save_checkpoint, seed_epoch
+from pyro_blora.training.callbacks import Callback, CheckpointWriter, ValidationMonitor, run_callbacks
+from pyro_blora.training.checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, seed_epoch
 from pyro_blora.config import BLoRAConfig, TrainConfig, config_from_dict
 from pyro_blora.training.distributed import ScaleOut
 from pyro_blora.training.elbo import MeanFieldELBO
 from pyro_blora.inject import adapted_layers, inject_adapters
 from pyro_blora.io import ensure_writable
-from pyro_blora.methods import METHODS
+from pyro_blora.methods import FitRequest, Method, register_method
 from pyro_blora.model import BayesianLoRAModel
 from pyro_blora.result import FitResult, TrainingState, make_loader
 from pyro_blora.tasks.base import Task, TensorTask
 
-__all__ = ["fit", "KLScale"]
-
-Callback = Callable[[TrainingState], Optional[bool]]
+__all__ = ["fit_svi", "KLScale"]
 
 
 class KLScale(Messenger):
@@ -120,7 +120,114 @@ def _non_finite_report(loss: Any, step: int, model: nn.Module, guide: nn.Module)
     )
 
 
-def fit(
+def _resolve_config(model: nn.Module, config: Union[BLoRAConfig, dict, None]) -> tuple[BLoRAConfig, bool]:
+    """The config to fit with, and whether the model already carries adapters built with it (e.g. from load())."""
+    if isinstance(config, dict):
+        config = config_from_dict(BLoRAConfig, config)
+    existing = adapted_layers(model)
+    if existing:
+        if config is not None and config != existing[0].config:
+            raise ValueError(
+                "the model already carries adapters built with another BLoRAConfig; "
+                "pass config=None to keep them, or call remove_adapters first"
+            )
+        return existing[0].config, True
+    return config or BLoRAConfig(), False
+
+
+class _Run:
+    """One SVI run's parts: the model and guide under the KL scale, the optimiser, schedule and ELBO."""
+
+    def __init__(self, result: FitResult, train: TrainConfig, total: int, start_step: int):
+        self.result, self.train, self.total, self.start_step = result, train, total, start_step
+        groups = _param_groups([result.net, result.guide], train)
+        self.params = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **_fused(self.params))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(train.schedule, train.warmup_steps, total)
+        )
+        self.elbo = MeanFieldELBO(num_particles=train.num_particles)  # TraceMeanField_ELBO without unused log_probs
+        self.kl_scale = KLScale()
+        self.scaled_model, self.scaled_guide = self.kl_scale(result.model), self.kl_scale(result.guide)
+        self.warmup_steps = max(1, round(train.kl_warmup * total))
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, Any]:
+        bayes_model = self.result.model
+        bayes_model.particle_nll.clear()
+        # Pyro's argument and shape checks run on the first step only: after that
+        # they cost a host sync per site and check what the first step checked.
+        with shared_geometry(), pyro.validation_enabled(step == self.start_step):
+            loss = self.elbo.differentiable_loss(self.scaled_model, self.scaled_guide, batch)
+        return loss, bayes_model.last_nll
+
+    def step(self, scale: ScaleOut, batches: list[Any], state: TrainingState) -> None:
+        """One optimiser step on the global batch; raises FloatingPointError on a non-finite loss."""
+        self.kl_scale.beta = self.train.kl_weight * min(1.0, (state.step + 1) / self.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        # gradients of the global batch (micro-batches, processes) averaged into params' .grad
+        outcome = scale.step(lambda batch: self.loss(batch, state.step), batches, self.params)
+        if outcome.error is not None:
+            report = _non_finite_report(str(outcome.error), state.step, self.result.net, self.result.guide)
+            raise FloatingPointError(report) from outcome.error
+        if not math.isfinite(outcome.loss):
+            raise FloatingPointError(
+                f"the loss became {outcome.loss} at step {state.step}; lower lr, raise jitter, or check the inputs for NaN"
+            )
+        if self.train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        state.record(outcome.loss, outcome.nll, state.num_data, self.kl_scale.beta, self.scheduler.get_last_lr()[0])
+
+
+def _resume(path: Any, run: _Run, state: TrainingState, monitor: ValidationMonitor, scale: ScaleOut, meta: dict) -> tuple[int, int]:
+    """Restore a checkpoint into ``run``, ``state`` and ``monitor``; returns the data position ``(epoch, skip)``."""
+    ckpt = load_checkpoint(path)
+    restore_checkpoint(ckpt, state.result, run.optimizer, run.scheduler, meta)
+    scale.share_random_state()  # the main process's states hold for every process (and its GPU)
+    state.step = ckpt.step
+    extra = ckpt.meta["extra"]
+    state.history, state.validation = extra["history"], extra["validation"]
+    state.result.history, state.result.validation = state.history, state.validation
+    monitor.load_state_dict(extra, ckpt.best)
+    run.start_step = state.step
+    return ckpt.position
+
+
+def _train(run: _Run, scale: ScaleOut, loader: DataLoader, state: TrainingState, position: tuple[int, int],
+           callbacks: Sequence[Callback], checkpoints: Optional[CheckpointWriter]) -> None:
+    """The loop over epochs and batches until ``state.total_steps`` or a callback stops it."""
+    train = run.train
+    epoch, skip = position
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"fit[{run.result.guide.family_name}]",
+               disable=not (train.progress and scale.is_main_process), dynamic_ncols=True)
+    interrupt = deferred_interrupt(checkpoints is not None)  # Ctrl-C: checkpoint after the current step
+    interrupted = interrupt.__enter__()
+    try:
+        while state.step < state.total_steps and not state.stop:
+            seed_epoch(loader, train.seed, epoch)  # the order of each epoch is reproducible, for resuming
+            for consumed, batches in scale.micro_batches(loader, skip):
+                if state.step >= state.total_steps:
+                    break
+                run.step(scale, batches, state)
+                bar.update(1)
+                bar.set_postfix(state.postfix(), refresh=False)
+                state.stop = run_callbacks(callbacks, state) or state.stop
+                state.stop, state.interrupted = scale.agree(state.stop, interrupted.is_set())  # all processes alike
+                state.position = (epoch, consumed) if consumed < len(loader) else (epoch + 1, 0)
+                if checkpoints is not None:
+                    checkpoints(state)
+                if state.interrupted:
+                    raise KeyboardInterrupt(f"interrupted after step {state.step}; checkpoint in {train.checkpoint_dir}")
+                if state.stop:
+                    break
+            epoch, skip = epoch + 1, 0
+    finally:
+        interrupt.__exit__(None, None, None)
+        bar.close()
+
+
+def fit_svi(
     model: nn.Module,
     data: Union[Dataset, DataLoader, Sequence[Any]],
     guide: Union[GuideSpec, nn.Module] = "flow",
@@ -133,57 +240,38 @@ def fit(
     resume_from: Union[str, "os.PathLike[str]", None] = None,
     **options: Any,
 ) -> FitResult:
-    """Fit Bayesian-LoRA adapters to ``model`` on ``data`` by SVI.
+    """Fit Bayesian-LoRA adapters to ``model`` on ``data`` by SVI: the loop every method trains with.
+
+    ``pyro_blora.fit`` dispatches a method's name through :mod:`pyro_blora.methods`;
+    this is what its Bayesian-LoRA families (and the baselines that train by SVI) run.
 
     Args:
         model: any ``nn.Module``; adapters are injected in place per ``config``
             unless it already carries them (e.g. from :func:`pyro_blora.load`).
         data: training examples (a ``Dataset``, ``datasets.Dataset`` or list,
             collated by ``task``) or a ``DataLoader`` of collated batches.
-        guide: ``"flow"`` (default), ``"normal"``, ``"mvn"``, ``"delta"`` (MAP,
-            plain LoRA), a baseline of :data:`pyro_blora.methods.METHODS` (``"mc_dropout"``,
-            ``"ensemble"``, ``"blob"``, ``"laplace"``), an :class:`~pyro_blora.guides.InducingGuide` subclass, a
-            ``factory(site)``, or a ready guide module (a :class:`~pyro_blora.guides.BayesianLoRAGuide`,
-            or :class:`~pyro_blora.guides.BLoBGuide` over injected BLoB layers).
+        guide: a guide family name (``"flow"``, ``"normal"``, ``"mvn"``, ``"delta"``), an
+            :class:`~pyro_blora.guides.InducingGuide` subclass, a ``factory(site)``, or a
+            ready guide module (a :class:`~pyro_blora.guides.BayesianLoRAGuide`, or a
+            baseline's guide over its own injected layers).
         task: turns batches into class logits; default :class:`~pyro_blora.tasks.TensorTask`.
         config: where the adapters go and their prior (:class:`BLoRAConfig` or dict).
         guide_options: keyword arguments of the guide family (``transforms``,
             ``hidden_dims``, ``rank``, ``scale_init``, ...).
         val_data: validation examples, evaluated every ``eval_every`` steps
             (validation NLL drives early stopping; never pass the test split).
-        callbacks: called after each step with a :class:`TrainingState`; return
-            True to stop.
-        resume_from: a checkpoint folder (``TrainConfig.checkpoint_dir`` of an
-            earlier run, see :mod:`pyro_blora.training.checkpoint`): continue that run
-            where it stopped, with the same data and options.
+        callbacks: called after each step with a :class:`TrainingState`; return True to stop.
+        resume_from: a checkpoint folder (``TrainConfig.checkpoint_dir`` of an earlier
+            run): continue that run where it stopped, with the same data and options.
         **options: any :class:`TrainConfig` field (``num_steps``, ``lr``, ``kl_weight``, ...).
-
-    Returns:
-        A :class:`FitResult` with ``predict``, ``evaluate`` and ``save``.
     """
-    if isinstance(guide, str) and guide in METHODS:
-        return METHODS[guide](
-            model, data, task=task, config=config, guide_options=guide_options, val_data=val_data,
-            callbacks=callbacks, resume_from=resume_from, **options,
-        )
     train = config_from_dict(TrainConfig, options)
     scale = ScaleOut(train)  # this process under accelerate (one process: no-op), precision, accumulation
     if train.checkpoint_dir is not None and scale.is_main_process:
         ensure_writable(Path(train.checkpoint_dir))
     if val_data is None and (train.eval_every or train.early_stopping_patience):
         raise ValueError("eval_every and early_stopping_patience need val_data (a validation split, never the test split)")
-    if isinstance(config, dict):
-        config = config_from_dict(BLoRAConfig, config)
-    existing = adapted_layers(model)
-    if existing:
-        # adapters already in place (e.g. from load()): record the settings they were built with
-        if config is not None and config != existing[0].config:
-            raise ValueError(
-                "the model already carries adapters built with another BLoRAConfig; "
-                "pass config=None to keep them, or call remove_adapters first"
-            )
-        config = existing[0].config
-    config = config or BLoRAConfig()
+    config, adapted = _resolve_config(model, config)
     task = task or TensorTask()
     torch.manual_seed(train.seed)
     pyro.set_rng_seed(train.seed)
@@ -193,8 +281,7 @@ def fit(
     num_data = len(loader.dataset)
     steps_per_epoch = scale.steps_per_epoch(loader)
     total = train.num_steps or train.epochs * steps_per_epoch
-
-    if not existing:
+    if not adapted:
         inject_adapters(model, config)
     bayes_model = BayesianLoRAModel(model, task, num_data)
     bayes_model.network_precision = scale.network_precision
@@ -206,107 +293,35 @@ def fit(
             bayes_model.factors, guide, config.lambda_init, config.lambda_max, **(guide_options or {})
         )
     result = FitResult(bayes_model, bayes_guide, config, train, task)
-
-    groups = _param_groups([model, bayes_guide], train)
-    params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **_fused(params))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train.schedule, train.warmup_steps, total))
-    elbo = MeanFieldELBO(num_particles=train.num_particles)  # TraceMeanField_ELBO without unused log_probs
-    kl_scale = KLScale()
-    scaled_model, scaled_guide = kl_scale(bayes_model), kl_scale(bayes_guide)
-    warmup_steps = max(1, round(train.kl_warmup * total))
-
-    state = TrainingState(result=result, step=0, total_steps=total)
-    best = (math.inf, None)
-    stale = 0
-    epoch, skip = 0, 0
-    run = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
-           "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        restore_checkpoint(ckpt, result, optimizer, scheduler, run)
-        scale.share_random_state()  # the main process's states hold for every process (and its GPU)
-        state.step, (epoch, skip) = ckpt.step, ckpt.position
-        extra = ckpt.meta["extra"]
-        state.history, state.validation, stale = extra["history"], extra["validation"], extra["stale"]
-        result.history, result.validation = state.history, state.validation
-        best = (math.inf if extra["best_nll"] is None else extra["best_nll"], ckpt.best)
-
-    def checkpoint(position: tuple[int, int]) -> None:
-        extra = {"history": state.history, "validation": state.validation, "stale": stale,
-                 "best_nll": None if math.isinf(best[0]) else best[0]}
-        save_checkpoint(train.checkpoint_dir, result, optimizer, scheduler, step=state.step, epoch=position[0],
-                        batch_index=position[1], run=run, extra=extra, best=best[1])
-
-    start_step = state.step
-
-    def elbo_loss(batch: Any) -> tuple[torch.Tensor, float]:
-        bayes_model.particle_nll.clear()
-        # Pyro's argument and shape checks run on the first step only: after that
-        # they cost a host sync per site and check what the first step checked.
-        with shared_geometry(), pyro.validation_enabled(state.step == start_step):
-            loss = elbo.differentiable_loss(scaled_model, scaled_guide, batch)
-        return loss, bayes_model.last_nll
-
+    state = TrainingState(result=result, step=0, total_steps=total, num_data=num_data)
+    run = _Run(result, train, total, start_step=0)
+    monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
+    meta = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
+            "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}
+    position = (0, 0) if resume_from is None else _resume(resume_from, run, state, monitor, scale, meta)
+    checkpoints = None
+    if train.checkpoint_dir is not None:
+        checkpoints = CheckpointWriter(train.checkpoint_dir, train.checkpoint_every, run.optimizer, run.scheduler,
+                                       meta, monitor, enabled=scale.is_main_process)
     model.train()
-    bar = tqdm(total=total, initial=state.step, desc=f"fit[{bayes_guide.family_name}]",
-               disable=not (train.progress and scale.is_main_process), dynamic_ncols=True)
-    interrupt = deferred_interrupt(train.checkpoint_dir is not None)  # Ctrl-C: checkpoint after the current step
-    interrupted = interrupt.__enter__()
-    try:
-        while state.step < total:
-            seed_epoch(loader, train.seed, epoch)  # the order of each epoch is reproducible, for resuming
-            for consumed, batches in scale.micro_batches(loader, skip):
-                if state.step >= total:
-                    break
-                kl_scale.beta = train.kl_weight * min(1.0, (state.step + 1) / warmup_steps)
-                optimizer.zero_grad(set_to_none=True)
-                # gradients of the global batch (micro-batches, processes) averaged into params' .grad
-                outcome = scale.step(elbo_loss, batches, params)
-                if outcome.error is not None:
-                    report = _non_finite_report(str(outcome.error), state.step, model, bayes_guide)
-                    raise FloatingPointError(report) from outcome.error
-                if not math.isfinite(outcome.loss):
-                    raise FloatingPointError(
-                        f"the loss became {outcome.loss} at step {state.step}; lower lr, raise jitter, "
-                        "or check the inputs for NaN"
-                    )
-                if train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                state.record(outcome.loss, outcome.nll, num_data, kl_scale.beta, scheduler.get_last_lr()[0])
-                bar.update(1)
-                bar.set_postfix(state.postfix(), refresh=False)
-                if val_data is not None and train.eval_every and state.step % train.eval_every == 0:
-                    metrics = result.evaluate(val_data, num_samples=4)
-                    state.record_validation(metrics)
-                    if metrics["nll"] < best[0]:
-                        best, stale = (metrics["nll"], result.state_dict_copy()), 0
-                    else:
-                        stale += 1
-                    if train.early_stopping_patience is not None and stale >= train.early_stopping_patience:
-                        state.stop = True
-                for callback in callbacks:
-                    if callback(state):
-                        state.stop = True
-                state.stop, interrupt_now = scale.agree(state.stop, interrupted.is_set())  # all processes alike
-                position = (epoch, consumed) if consumed < len(loader) else (epoch + 1, 0)
-                if train.checkpoint_dir is not None and scale.is_main_process and (
-                    interrupt_now or (train.checkpoint_every and state.step % train.checkpoint_every == 0)
-                ):
-                    checkpoint(position)
-                if interrupt_now:
-                    raise KeyboardInterrupt(f"interrupted after step {state.step}; checkpoint in {train.checkpoint_dir}")
-                if state.stop:
-                    break
-            if state.stop:
-                break
-            epoch, skip = epoch + 1, 0
-    finally:
-        interrupt.__exit__(None, None, None)
-        bar.close()
-    if best[1] is not None and train.early_stopping_patience is not None:
-        result.load_state_dict_copy(best[1])
+    _train(run, scale, loader, state, position, [monitor, *callbacks], checkpoints)
+    monitor.finish(state)
     model.eval()
     return result
+
+
+def _family_fit(name: str) -> Callable[..., FitResult]:
+    def fit_family(model: nn.Module, data: Any, request: FitRequest, options: Any) -> FitResult:
+        return fit_svi(model, data, name, guide_options=changed_options(options), **request.svi_arguments())
+
+    fit_family.__doc__ = f"Bayesian-LoRA with the {name!r} guide family (:func:`fit_svi`)."
+    return fit_family
+
+
+for _name, _options, _display in (
+    ("delta", DeltaOptions, "MAP LoRA"),
+    ("normal", NormalOptions, "Bayesian-LoRA (normal)"),
+    ("mvn", MultivariateNormalOptions, "Bayesian-LoRA (mvn)"),
+    ("flow", FlowOptions, "Bayesian-LoRA (flow)"),
+):
+    register_method(Method(_name, _family_fit(_name), _options, display_name=_display, bayesian_lora=True))

@@ -7,7 +7,6 @@ import torch
 
 import pyro_blora
 from pyro_blora import EnsembleResult, Prediction, combine_predictions
-from pyro_blora.baselines.ensemble import fit_ensemble
 from toy import N_CLASSES, make_config, make_data, make_net
 
 
@@ -142,11 +141,11 @@ def test_per_member_checkpoints_resume(tmp_path) -> None:
 
 def test_clear_errors(ensemble: EnsembleResult) -> None:
     with pytest.raises(ValueError, match="ensemble size must be an integer >= 2"):
-        fit_ensemble(make_net(), make_data(), config=make_config(), guide_options={"size": 1}, **OPTIONS)
-    with pytest.raises(ValueError, match=r"unknown guide_options \['k'\] for ensemble"):
-        fit_ensemble(make_net(), make_data(), config=make_config(), guide_options={"k": 3}, **OPTIONS)
+        pyro_blora.fit(make_net(), make_data(), "ensemble", config=make_config(), guide_options={"size": 1}, **OPTIONS)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['k'\] for method 'ensemble'"):
+        pyro_blora.fit(make_net(), make_data(), "ensemble", config=make_config(), guide_options={"k": 3}, **OPTIONS)
     with pytest.raises(ValueError, match="ensemble members cannot be 'ensemble'"):
-        fit_ensemble(make_net(), make_data(), config=make_config(), guide_options={"member": "ensemble"}, **OPTIONS)
+        pyro_blora.fit(make_net(), make_data(), "ensemble", config=make_config(), guide_options={"member": "ensemble"}, **OPTIONS)
     with pytest.raises(ValueError, match="at least 2 results"):
         EnsembleResult.from_results([ensemble.template])
     other = pyro_blora.fit(make_net(), make_data(), "normal", config=make_config(), **OPTIONS)

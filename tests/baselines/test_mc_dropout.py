@@ -8,7 +8,7 @@ from torch import nn
 
 import pyro_blora
 from pyro_blora import BLoRAConfig, MCDropoutResult
-from pyro_blora.baselines.mc_dropout import DEFAULT_DROPOUT, fit_mc_dropout
+from pyro_blora.baselines.mc_dropout import DEFAULT_DROPOUT
 import toy
 from toy import N_CLASSES, N_FEATURES, make_data
 
@@ -113,10 +113,10 @@ def test_only_the_lora_dropout_is_on_at_prediction(fitted: MCDropoutResult) -> N
 
 def test_default_dropout_and_guide_option_override() -> None:
     options = {"num_steps": 2, "batch_size": 8, "progress": False}
-    result = fit_mc_dropout(QVNet(), make_data(), **options)
+    result = pyro_blora.fit(QVNet(), make_data(), "mc_dropout", **options)
     assert result.dropout == DEFAULT_DROPOUT
     assert [layer.dropout.p for layer in result.model.layers] == [DEFAULT_DROPOUT] * 2
-    override = fit_mc_dropout(make_net(), make_data(), config=make_config(dropout=0.0), guide_options={"dropout": 0.2}, **options)
+    override = pyro_blora.fit(make_net(), make_data(), "mc_dropout", config=make_config(dropout=0.0), guide_options={"dropout": 0.2}, **options)
     assert override.dropout == 0.2 and override.model.layers[0].dropout.p == 0.2
 
 
@@ -124,16 +124,16 @@ def test_clear_errors() -> None:
     options = {"num_steps": 1, "progress": False}
     with pytest.raises(ValueError, match="MC dropout needs dropout > 0"):
         quick_fit(config=make_config(dropout=0.0), num_steps=1)
-    with pytest.raises(ValueError, match=r"unknown guide_options \['p'\] for mc_dropout"):
-        fit_mc_dropout(make_net(), make_data(), config=make_config(), guide_options={"p": 0.1}, **options)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['p'\] for method 'mc_dropout'"):
+        pyro_blora.fit(make_net(), make_data(), "mc_dropout", config=make_config(), guide_options={"p": 0.1}, **options)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        fit_mc_dropout(make_net(), make_data(), config=make_config(), guide_options={"dropout": 1.5}, **options)
+        pyro_blora.fit(make_net(), make_data(), "mc_dropout", config=make_config(), guide_options={"dropout": 1.5}, **options)
     net = make_net()
     pyro_blora.inject_adapters(net, make_config(dropout=0.0))
     with pytest.raises(ValueError, match="MC dropout needs dropout > 0 on the LoRA path"):
-        fit_mc_dropout(net, make_data(), **options)
+        pyro_blora.fit(net, make_data(), "mc_dropout", **options)
     with pytest.raises(ValueError, match="cannot change it"):
-        fit_mc_dropout(net, make_data(), guide_options={"dropout": 0.1}, **options)
+        pyro_blora.fit(net, make_data(), "mc_dropout", guide_options={"dropout": 0.1}, **options)
     plain = pyro_blora.fit(make_net(), make_data(), "delta", config=make_config(dropout=0.0), **options)
     with pytest.raises(ValueError, match="MC dropout needs dropout > 0"):
         MCDropoutResult.from_fit_result(plain)

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -60,22 +60,25 @@ from pyro_blora.baselines.blob.layer import BLoBLinear
 from pyro_blora.models import BayesianLoRALinear
 
 from pyro_blora.config import BLoRAConfig, TrainConfig, config_from_dict
-from pyro_blora.inject import adapted_layers, inject_adapters, remove_adapters
-from pyro_blora.io import load_fit_result, read_config
+from pyro_blora.inject import adapted_layers, inject_adapters, restored_on_failure
+from pyro_blora.io import read_config
+from pyro_blora.methods import FitRequest, Method, parse_options, register_method
+from pyro_blora.restore import load_fit_result
 from pyro_blora.model import BayesianLoRAModel
 from pyro_blora.result import FitResult
 from pyro_blora.tasks.base import Task
+from pyro_blora.training.svi import fit_svi
 
-__all__ = ["BLoBOptions", "BLoBResult", "blob_layer_factory", "blob_options", "fit_blob", "load_blob"]
+__all__ = ["BLoBOptions", "BLoBResult", "blob_layer_factory", "fit_blob", "load_blob"]
 
 
 @dataclass(frozen=True)
 class BLoBOptions:
     """BLoB's settings (``guide_options`` of ``fit(guide="blob")``); see the module docstring."""
 
-    prior_std: float = 0.2
-    init_eps: float = 0.05
-    flipout: bool = True
+    prior_std: float = field(default=0.2, metadata={"help": "Prior sd of A's entries (BLoB's released code: 0.2)."})
+    init_eps: float = field(default=0.05, metadata={"help": "G starts uniform in (eps / sqrt 2, eps); A's sd is G^2."})
+    flipout: bool = field(default=True, metadata={"help": "Flipout estimate of the projection by a random A."})
 
     def __post_init__(self) -> None:
         for name in ("prior_std", "init_eps"):
@@ -84,16 +87,6 @@ class BLoBOptions:
                 raise ValueError(f"BLoB's {name} must be a positive finite number, got {value!r}")
         if not isinstance(self.flipout, bool):
             raise ValueError(f"BLoB's flipout must be True or False, got {self.flipout!r}")
-
-
-def blob_options(guide_options: Optional[Mapping[str, Any]]) -> BLoBOptions:
-    """``guide_options`` as :class:`BLoBOptions`, naming unknown keys and the valid ones."""
-    options = dict(guide_options or {})
-    valid = [f.name for f in dataclasses.fields(BLoBOptions)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown guide_options {unknown} for blob; valid options: {valid}")
-    return BLoBOptions(**options)
 
 
 def blob_layer_factory(prior_std: float, flipout: bool) -> Callable[..., BayesianLoRALinear]:
@@ -128,58 +121,31 @@ class BLoBResult(FitResult):
         return {layer.site_w: self.guide.site(layer).scale().detach() for layer in _blob_layers(self.model.layers)}
 
 
-def fit_blob(
-    model: nn.Module,
-    data: Union[Dataset, DataLoader, Sequence[Any]],
-    *,
-    task: Optional[Task] = None,
-    config: Union[BLoRAConfig, dict, None] = None,
-    guide_options: Optional[Mapping[str, Any]] = None,
-    val_data: Union[Dataset, DataLoader, Sequence[Any], None] = None,
-    callbacks: Sequence[Callable[..., Any]] = (),
-    resume_from: Union[str, "os.PathLike[str]", None] = None,
-    **train_options: Any,
-) -> BLoBResult:
-    """Fit BLoB adapters to ``model`` on ``data`` with :func:`pyro_blora.fit`'s loop.
+def fit_blob(model: nn.Module, data: Any, request: FitRequest, options: BLoBOptions) -> BLoBResult:
+    """Fit BLoB adapters to ``model`` on ``data`` with the SVI loop of :func:`~pyro_blora.training.svi.fit_svi`.
 
-    Args:
-        model: a base model without adapters; BLoB layers are injected in place
-            on ``config.target_modules`` (and removed again if fitting fails).
-        data, task, val_data, callbacks, resume_from: as :func:`pyro_blora.fit`.
-        config: where the adapters go, rank, alpha, dropout (:class:`BLoRAConfig`);
-            its inducing and prior settings are Bayesian-LoRA's and unused here.
-        guide_options: ``prior_std``, ``init_eps``, ``flipout`` (:class:`BLoBOptions`).
-        **train_options: any :class:`TrainConfig` field (``epochs``, ``lr``, ``kl_weight``, ...).
+    What ``pyro_blora.fit(model, data, guide="blob", ...)`` runs. BLoB layers are
+    injected in place on ``config.target_modules`` of a base model without
+    adapters (and removed again if fitting fails); the config's inducing and
+    prior settings are Bayesian-LoRA's and unused here.
 
     Returns:
         A :class:`BLoBResult` (``predict``, ``evaluate``, ``save``, ``history``).
     """
-    from pyro_blora.training.svi import fit
-
-    options = blob_options(guide_options)
+    config = request.config
     if isinstance(config, dict):
         config = config_from_dict(BLoRAConfig, config)
     config = config or BLoRAConfig()
-    train = config_from_dict(TrainConfig, train_options)  # bad options fail before the model is touched
+    train = config_from_dict(TrainConfig, request.train)  # bad options fail before the model is touched
     if adapted_layers(model):
         raise ValueError(
             "fit(guide='blob') injects its own adapters; pass a base model without adapters (see remove_adapters)"
         )
-    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
     torch.manual_seed(train.seed)  # M (Kaiming) and G (uniform) start reproducibly, as fit() seeds its adapters
-    layers = inject_adapters(model, config, blob_layer_factory(options.prior_std, options.flipout))
-    try:
+    with restored_on_failure(model):  # the caller's model as it was, so that the call can be corrected and retried
+        layers = inject_adapters(model, config, blob_layer_factory(options.prior_std, options.flipout))
         guide = BLoBGuide(_blob_layers(layers), init_eps=options.init_eps)
-        result = fit(
-            model, data, guide, task=task, config=config, val_data=val_data, callbacks=callbacks,
-            resume_from=resume_from, **train_options,
-        )
-    except Exception:
-        # leave the caller's model as it was, so that the call can be corrected and retried
-        remove_adapters(model)
-        for param, flag in requires_grad:
-            param.requires_grad_(flag)
-        raise
+        result = fit_svi(model, data, guide, **{**request.svi_arguments(), "config": config})
     return BLoBResult.from_fit_result(result)
 
 
@@ -204,7 +170,7 @@ def load_blob(
     spec = read_config(path)["guide"]
     if spec.get("family") != "blob":
         raise ValueError(f"{path} holds a {spec.get('family')!r} adapter, not a BLoB one; load it with pyro_blora.load")
-    options = blob_options(spec.get("options"))
+    options = parse_options(BLoBOptions, spec.get("options"), "blob")
 
     def build_guide(bayes_model: BayesianLoRAModel, saved: dict[str, Any]) -> BLoBGuide:
         return BLoBGuide(_blob_layers(bayes_model.layers), init_eps=options.init_eps)
@@ -214,3 +180,6 @@ def load_blob(
         layer_factory=blob_layer_factory(options.prior_std, options.flipout), build_guide=build_guide,
     )
     return BLoBResult.from_fit_result(result)
+
+
+register_method(Method("blob", fit_blob, BLoBOptions, load=load_blob, display_name="BLoB"))

@@ -26,8 +26,9 @@ Kristiadi et al., *Being Bayesian, Even Just a Bit, Fixes Overconfidence* (ICML 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -45,18 +46,21 @@ from pyro_blora.baselines.laplace.curvature import (
     predictive_sample_probs,
 )
 from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head
-from pyro_blora.methods import METHOD_FILE
+from pyro_blora.io import atomic_write, read_method_file, write_method_file
+from pyro_blora.io import save as save_adapter
+from pyro_blora.methods import FitRequest, Method, register_method
+from pyro_blora.restore import load_fit_result
 from pyro_blora.metrics import negative_log_likelihood
 from pyro_blora.result import FitResult, Prediction, WrappedPosterior
 from pyro_blora.tasks.base import Task, TensorTask
+from pyro_blora.training.svi import fit_svi
 
-__all__ = ["LaplaceResult", "fit_laplace", "laplace_from_map", "load_laplace", "tune_prior_precision", "DEFAULT_GRID"]
+__all__ = ["LaplaceOptions", "LaplaceResult", "fit_laplace", "laplace_from_map", "load_laplace", "tune_prior_precision", "DEFAULT_GRID"]
 
 Data = Union[Dataset, DataLoader, Sequence[Any]]
 POSTERIOR_NAME = "laplace_posterior.safetensors"
 DEFAULT_GRID = tuple(float(t) for t in torch.logspace(-4, 6, 41, dtype=torch.float64))
 """Prior precisions tried by default: 1e-4 .. 1e6, four per decade (the top end is nearly the MAP)."""
-_OPTIONS = ("structure", "prior_precision", "link_approx", "prior_precision_grid", "tune_samples", "tune_seed")
 _FORMAT = 1
 
 
@@ -172,19 +176,16 @@ class LaplaceResult(WrappedPosterior):
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """The MAP adapter (:func:`pyro_blora.io.save`), the factors (safetensors) and ``method.json``."""
-        from pyro_blora.io import _atomic_write
-        from pyro_blora.io import save as save_adapter
-
         folder = save_adapter(self.map_result, path)
         tensors = {k: v.contiguous() for k, v in self.curvature.state().items()}
-        _atomic_write(folder / POSTERIOR_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write(folder / POSTERIOR_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         meta = {
             "method": self.method, "format_version": _FORMAT, "structure": self.structure,
             "prior_precision": self.prior_precision, "link_approx": self.link_approx,
             "head": {"name": self.head.name, "kind": self.head.kind, "ids": self.head.ids, "bias": self.head.has_bias},
             "num_classes": len(self.head.ids), "tuning": self.tuning,
         }
-        _atomic_write(folder / METHOD_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        write_method_file(folder, meta)
         return folder
 
 
@@ -256,41 +257,33 @@ def laplace_from_map(
     return LaplaceResult(map_result, head, curvature, prior_precision, link_approx, tuning)
 
 
-def fit_laplace(
-    model: Any,
-    data: Data,
-    *,
-    task: Optional[Task] = None,
-    config: Any = None,
-    guide_options: Optional[dict] = None,
-    val_data: Optional[Data] = None,
-    callbacks: Sequence[Any] = (),
-    resume_from: Any = None,
-    **train_options: Any,
-) -> LaplaceResult:
+@dataclass(frozen=True)
+class LaplaceOptions:
+    """Options of ``fit(guide="laplace")`` (see :func:`laplace_from_map`)."""
+
+    structure: str = field(default="kron", metadata={"help": "GGN structure: kron (KFAC) or diag."})
+    prior_precision: Optional[float] = field(default=None, metadata={"help": "Prior precision tau (None: tuned on validation NLL)."})
+    link_approx: str = field(default="mc", metadata={"help": "Predictive: mc samples of f, or probit."})
+    prior_precision_grid: Sequence[float] = field(default=DEFAULT_GRID, metadata={"help": "Values of tau tried when tuning."})
+    tune_samples: int = field(default=64, metadata={"help": "Draws of f per example when tuning with mc."})
+    tune_seed: int = field(default=0, metadata={"help": "Seed of those draws."})
+
+    def __post_init__(self) -> None:
+        grid = tuple(float(v) for v in self.prior_precision_grid)
+        _check_options(self.structure, self.prior_precision, self.link_approx, grid, self.tune_samples, val_data=True)
+
+
+def fit_laplace(model: Any, data: Data, request: FitRequest, options: LaplaceOptions) -> LaplaceResult:
     """``fit(model, data, guide="laplace", ...)``: MAP LoRA, then last-layer Laplace on the answer head.
 
-    ``guide_options`` holds the Laplace options (see :func:`laplace_from_map`);
-    every other argument goes to the MAP run, :func:`pyro_blora.fit` with ``guide="delta"``.
-    Options and the task are checked before training.
+    Every argument of the request goes to the MAP run (the ``delta`` family).
+    Options, validation data and the task are checked before training.
     """
-    from pyro_blora.training.svi import fit
-
-    options = dict(guide_options or {})
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for guide 'laplace'; valid options: {sorted(_OPTIONS)}")
-    grid = tuple(float(t) for t in options.get("prior_precision_grid", DEFAULT_GRID))
-    _check_options(
-        options.get("structure", "kron"), options.get("prior_precision"), options.get("link_approx", "mc"),
-        grid, options.get("tune_samples", 64), val_data,
-    )
-    find_head(model, task)  # a task without an answer head fails now, not after training
-    map_result = fit(
-        model, data, "delta", task=task, config=config, val_data=val_data, callbacks=callbacks,
-        resume_from=resume_from, **train_options,
-    )
-    return laplace_from_map(map_result, data, val_data, **options)
+    grid = tuple(float(v) for v in options.prior_precision_grid)
+    _check_options(options.structure, options.prior_precision, options.link_approx, grid, options.tune_samples, request.val_data)
+    find_head(model, request.task)  # a task without an answer head fails now, not after training
+    map_result = fit_svi(model, data, "delta", **request.svi_arguments())
+    return laplace_from_map(map_result, data, request.val_data, **dataclasses.asdict(options))
 
 
 def load_laplace(
@@ -301,11 +294,9 @@ def load_laplace(
     check_base: bool = True,
 ) -> LaplaceResult:
     """Rebuild a :class:`LaplaceResult` from a folder written by its ``save`` (``pyro_blora.load`` calls this)."""
-    from pyro_blora.io import load_fit_result, read_json
-
     folder = Path(path)
-    meta = read_json(folder / METHOD_FILE)
-    if meta.get("method") != "laplace" or meta.get("format_version") != _FORMAT:
+    meta = read_method_file(folder, "laplace")
+    if meta.get("format_version") != _FORMAT:
         raise ValueError(f"{folder / METHOD_FILE} is not a last-layer Laplace result of format {_FORMAT}")
     saved = meta["head"]
     if task is None:
@@ -327,3 +318,9 @@ def load_laplace(
     map_result = load_fit_result(folder, model, task=task, guide=guide, check_base=check_base)
     head = find_head(map_result.net, task)
     return LaplaceResult(map_result, head, curvature, meta["prior_precision"], meta["link_approx"], meta.get("tuning"))
+
+
+register_method(Method(
+    "laplace", fit_laplace, LaplaceOptions, load=load_laplace, display_name="last-layer Laplace",
+    benchmark_defaults={"needs_validation": True},
+))

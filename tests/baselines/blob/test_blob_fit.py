@@ -142,7 +142,7 @@ def test_a_ready_guide_goes_through_fit() -> None:
         ({"prior_std": -0.2}, None, "prior_std must be a positive finite number"),
         ({"init_eps": float("nan")}, None, "init_eps must be a positive finite number"),
         ({"flipout": "yes"}, None, "flipout must be True or False"),
-        ({"scale_max": 0.1}, None, r"unknown guide_options \['scale_max'\] for blob; valid options"),
+        ({"scale_max": 0.1}, None, r"unknown option\(s\) \['scale_max'\] for method 'blob'; valid options"),
         (None, make_config(target_modules=["nope"]), "matched no module"),
         (None, make_config(target_modules=["1"]), "none of them nn.Linear"),
     ],
