@@ -12,15 +12,8 @@ from pyro_blora.tasks.causal_lm import (
     ChoiceLikelihoodTask,
 )
 from pyro_blora.tasks.classification import SequenceClassificationTask
-from pyro_blora.tasks.datasets import (
-    DatasetSplits,
-    carve_splits,
-    load_benchmark,
-    load_classification,
-    load_drug_reviews,
-    split_train_validation,
-    subsample,
-)
+from pyro_blora.tasks.benchmarks import load_benchmark, load_drug_reviews
+from pyro_blora.tasks.datasets import DatasetSplits, carve_splits, load_classification, split_train_validation, subsample
 
 __all__ = [
     "Task",

@@ -293,21 +293,28 @@ def fit_svi(
             bayes_model.factors, guide, config.lambda_init, config.lambda_max, **(guide_options or {})
         )
     result = FitResult(bayes_model, bayes_guide, config, train, task)
-    state = TrainingState(result=result, step=0, total_steps=total, num_data=num_data)
-    run = _Run(result, train, total, start_step=0)
-    monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
     meta = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
             "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}
+    _run_loop(result, scale, loader, meta, val_data, callbacks, resume_from)
+    return result
+
+
+def _run_loop(result: FitResult, scale: ScaleOut, loader: DataLoader, meta: dict[str, Any], val_data: Any,
+              callbacks: Sequence[Callback], resume_from: Any) -> None:
+    """Set up the optimiser, the built-in callbacks and a resumed state, then train ``result`` in place."""
+    train = result.train_config
+    state = TrainingState(result=result, step=0, total_steps=meta["total_steps"], num_data=meta["num_data"])
+    run = _Run(result, train, meta["total_steps"], start_step=0)
+    monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
     position = (0, 0) if resume_from is None else _resume(resume_from, run, state, monitor, scale, meta)
     checkpoints = None
     if train.checkpoint_dir is not None:
         checkpoints = CheckpointWriter(train.checkpoint_dir, train.checkpoint_every, run.optimizer, run.scheduler,
                                        meta, monitor, enabled=scale.is_main_process)
-    model.train()
+    result.net.train()
     _train(run, scale, loader, state, position, [monitor, *callbacks], checkpoints)
     monitor.finish(state)
-    model.eval()
-    return result
+    result.net.eval()
 
 
 def _family_fit(name: str) -> Callable[..., FitResult]:
