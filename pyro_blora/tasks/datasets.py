@@ -336,12 +336,3 @@ def load_classification(
         examples["train"], examples["validation"], examples["test"],
         len(names), list(names), "classification", name, notes,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # lazy: benchmarks imports this module, so a top-level import would be circular
-    if name in ("load_benchmark", "load_drug_reviews", "BENCHMARKS", "DRUG_REVIEW_CLASSES", "default_data_dir"):
-        from pyro_blora.tasks import benchmarks
-
-        return getattr(benchmarks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from pyro_blora.tasks.benchmarks import BENCHMARKS, default_data_dir, load_drug_reviews
-from pyro_blora.tasks.datasets import (
-    DatasetSplits,
-    load_benchmark,
-    load_classification,
-    split_train_validation,
-    subsample,
-)
+from pyro_blora.tasks.benchmarks import load_benchmark
+from pyro_blora.tasks.datasets import DatasetSplits, load_classification, split_train_validation, subsample
 
 DATA = default_data_dir()
 
