@@ -19,8 +19,13 @@ if TYPE_CHECKING:
     from .config import BLoRAConfig, TrainConfig
     from .model import BayesianLoRAModel
 
+DEFAULT_PREDICT_SEED = 0
+"""Predictions draw their posterior samples from a private stream seeded with this by default, so a
+saved adapter gives the same numbers every time it is evaluated; ``seed=None`` draws from torch's global RNG."""
+
 __all__ = [
-    "FitResult", "Posterior", "Prediction", "TrainingState", "WrappedPosterior", "combine_predictions", "make_loader",
+    "DEFAULT_PREDICT_SEED", "FitResult", "Posterior", "Prediction", "TrainingState", "WrappedPosterior",
+    "combine_predictions", "make_loader",
 ]
 
 
@@ -227,14 +232,17 @@ class FitResult:
         num_samples: int = 4,
         batch_size: int = 8,
         stack_samples: bool = True,
-        seed: Optional[int] = None,
+        seed: Optional[int] = DEFAULT_PREDICT_SEED,
     ) -> Prediction:
         """Posterior predictive: average the class probabilities of ``num_samples`` posterior draws.
 
         The same ``num_samples`` joint weight draws are used for every example.
         With ``stack_samples`` the draws share one forward per batch (the batch is
         repeated ``S`` times); otherwise one forward per draw, for less memory.
-        A MAP guide has one draw whatever ``num_samples`` says.
+        A MAP guide has one draw whatever ``num_samples`` says. ``seed`` (default
+        :data:`DEFAULT_PREDICT_SEED`) seeds a private stream for everything random
+        in the prediction, so it is reproducible and leaves the caller's RNG alone;
+        ``None`` draws from the global RNG.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")

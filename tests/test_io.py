@@ -184,3 +184,14 @@ def test_save_overwrites_in_place(saved, tmp_path) -> None:
     result.save(tmp_path)  # a second save replaces the files atomically
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     pyro_blora.load(tmp_path, copy.deepcopy(fresh))
+
+
+def test_a_saved_flow_adapter_evaluates_to_the_same_numbers_every_time(saved) -> None:
+    _, folder, fresh = saved
+    loaded = pyro_blora.load(folder, copy.deepcopy(fresh))
+    data = make_data(12)
+    first, second = loaded.evaluate(data), loaded.evaluate(data)
+    assert first == second
+    torch.manual_seed(123)  # the caller's RNG state does not leak into the default prediction
+    assert loaded.evaluate(data) == first
+    assert not torch.equal(loaded.predict(data, seed=None).sample_probs, loaded.predict(data, seed=None).sample_probs)

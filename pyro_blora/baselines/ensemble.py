@@ -39,7 +39,7 @@ from pyro_blora.inject import adapted_layers, inject_adapters
 from pyro_blora.io import METHOD_FILE, WEIGHTS_NAME, fingerprint, read_config, read_method_file, write_method_file
 from pyro_blora.methods import METHODS, FitRequest, Method, get_method, load_saved, register_method
 from pyro_blora.training.checkpoint import LATEST_NAME
-from pyro_blora.result import FitResult, Prediction, WrappedPosterior, combine_predictions
+from pyro_blora.result import DEFAULT_PREDICT_SEED, FitResult, Prediction, WrappedPosterior, combine_predictions
 from pyro_blora.tasks.base import Task
 
 __all__ = ["EnsembleMember", "EnsembleResult", "combine_predictions", "EnsembleOptions", "fit_ensemble", "load_ensemble", "DEFAULT_SIZE"]
@@ -184,7 +184,7 @@ class EnsembleResult(WrappedPosterior):
         num_samples: int = 4,
         batch_size: int = 8,
         stack_samples: bool = True,
-        seed: Optional[int] = None,
+        seed: Optional[int] = DEFAULT_PREDICT_SEED,
     ) -> Prediction:
         """The mixture predictive; ``sample_probs`` has one slice per member (times its own samples).
 

@@ -51,7 +51,7 @@ from pyro_blora.io import save as save_adapter
 from pyro_blora.methods import FitRequest, Method, register_method
 from pyro_blora.restore import load_fit_result
 from pyro_blora.metrics import negative_log_likelihood
-from pyro_blora.result import FitResult, Prediction, WrappedPosterior
+from pyro_blora.result import DEFAULT_PREDICT_SEED, FitResult, Prediction, WrappedPosterior
 from pyro_blora.tasks.base import Task, TensorTask
 from pyro_blora.training.svi import fit_svi
 
@@ -157,7 +157,9 @@ class LaplaceResult(WrappedPosterior):
         self.map_result.use_posterior_mean()
         return collect_features(self.net, self.task, self.head, data, batch_size)
 
-    def predict(self, data: Data, num_samples: int = 4, batch_size: int = 8, seed: Optional[int] = None) -> Prediction:
+    def predict(
+        self, data: Data, num_samples: int = 4, batch_size: int = 8, seed: Optional[int] = DEFAULT_PREDICT_SEED
+    ) -> Prediction:
         """Linearised predictive: ``softmax`` of ``num_samples`` draws ``f ~ N(W_MAP phi, Sigma_f(x))``.
 
         With ``link_approx="probit"`` the prediction is deterministic (one "sample").
