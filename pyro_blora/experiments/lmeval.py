@@ -21,6 +21,7 @@ likelihood. The per-sample ``ll_s`` go to a JSONL side file keyed by
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -47,6 +48,7 @@ __all__ = ["LOCAL_TASKS", "PosteriorLM", "default_data_root", "local_task_dir", 
 LOCAL_TASKS = Path(__file__).with_name("lmeval_tasks")
 """Task YAMLs shipped with the package; ``__PYRO_BLORA_DATA__`` in them is the benchmark data folder."""
 _DATA_PLACEHOLDER = "__PYRO_BLORA_DATA__"
+logger = logging.getLogger(__name__)
 
 
 @register_model("pyro_blora")
@@ -89,7 +91,7 @@ class PosteriorLM(TemplateLM):
         self.batch_size = _parse_batch_size(batch_size)
         self.max_length = int(max_length)
         self.result, self.net, self.tokenizer = _load(pretrained, adapter, result, net, tokenizer)
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = _pick_device(device)
         self.net.to(self._device).eval()
         self.num_samples = self._fix_draws(int(num_samples), bool(posterior_mean), int(seed))
         self._keep = _accepts_logits_to_keep(self.net)
@@ -258,6 +260,15 @@ class PosteriorLM(TemplateLM):
                 fh.write(json.dumps(record) + "\n")
 
 
+def _pick_device(device: Optional[str]) -> torch.device:
+    """The given device; lm-eval's default ``cuda`` falls back to the CPU (with a notice) where there is none."""
+    if device and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return torch.device(device)
+    if device:
+        logger.warning("device %r is not available here; running on the CPU", device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _parse_batch_size(value: Any) -> int:
     """lm-eval passes ``--batch_size`` as given (``"8"``, ``8``, ``"auto"``); auto falls back to 8."""
     if isinstance(value, str) and value.startswith("auto"):
@@ -330,16 +341,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         del args[at:at + 2]
     if args and args[0] not in ("run", "ls", "validate", "-h", "--help"):
         args.insert(0, "run")  # lm-eval's legacy form: no subcommand means run
-    if args and args[0] in ("run", "ls", "validate") and "--include_path" not in args:
-        args[1:1] = ["--include_path", str(local_task_dir(data_root))]
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv
-    sys.argv = ["pyro-blora-harness", *args]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
+    with tempfile.TemporaryDirectory(prefix="pyro_blora_tasks_") as tasks:
+        if args and args[0] in ("run", "ls", "validate") and "--include_path" not in args:
+            args[1:1] = ["--include_path", str(local_task_dir(data_root, Path(tasks)))]
+        sys.argv = ["pyro-blora-harness", *args]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
 
 
 if __name__ == "__main__":

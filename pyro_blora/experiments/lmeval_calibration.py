@@ -19,6 +19,7 @@ on the posterior mean) can be given beside it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -135,8 +136,10 @@ def choice_docs(
             record = side.get((task, doc_id, idx))
             if record is None:
                 raise ValueError(f"the side file has no request ({task!r}, doc {doc_id}, choice {idx}): is it of this run?")
-            if record.get("continuation") not in (None, continuation):
-                raise ValueError(f"side file and samples disagree on ({task!r}, doc {doc_id}, choice {idx})'s continuation")
+            if record.get("continuation") not in (None, continuation) or record.get("context_hash") not in (
+                None, hashlib.sha256(context.encode("utf-8")).hexdigest()
+            ):
+                raise ValueError(f"side file and samples disagree on the text of ({task!r}, doc {doc_id}, choice {idx})")
             rows.append(record["sample_loglikelihoods"])
         choices = [c[len(target_delimiter):] if c.startswith(target_delimiter) else c for _, c in pairs]
         if len({len(r) for r in rows}) != 1:
