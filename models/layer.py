@@ -58,6 +58,7 @@ class InducingFactor(nn.Module):
         self.shape = (rows, cols)
         self.prior: InducingPrior = build_prior(config.prior, rows, cols, config, name)
         self.scale = config.prior_sd / math.sqrt(cols)
+        self.lambda_prior = config.lambda_prior
 
     @property
     def site_u(self) -> str:
@@ -78,12 +79,12 @@ class InducingFactor(nn.Module):
         return InducingConditional(geometry, inducing, self.scale, lam, source=u_value)
 
     def model(self) -> Tensor:
-        """Sample ``U`` from the prior and ``W | U`` (``lambda = 1``); return ``W``."""
+        """Sample ``U`` from the prior and ``W | U`` (``lambda = lambda_prior``, 1 by default); return ``W``."""
         geometry = self.prior.geometry()
         u_value = pyro.sample(self.site_u, self.prior.site_distribution(geometry))
         # U and the mean are built lazily: a replayed ELBO evaluation needs neither.
         inducing = lambda: self.prior.inducing_matrix(u_value, geometry)  # noqa: E731
-        return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, 1.0, source=u_value))
+        return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, self.lambda_prior, source=u_value))
 
 
 RowRef = Optional[tuple[Tensor, int]]

@@ -48,6 +48,11 @@ class BLoRAConfig:
     prior_sd: float = _help("Prior sd numerator: W = s (T_r U T_c + lambda noise), s = prior_sd / sqrt(fan_in).", 0.1)
     lambda_init: float = _help("Initial conditional noise scale lambda of q(W | U).", 1e-3)
     lambda_max: float = _help("Upper bound of lambda (a smooth cap, lambda = max * sigmoid(rho)).", 0.03)
+    lambda_prior: float = _help(
+        "lambda_p of the prior p(W | U) = N(s T_r U T_c, s^2 lambda_p^2 Sigma). The released code's 1.0 makes "
+        "KL(q(W|U) || p(W|U)) about 3 nats per weight entry at lambda_q = 0.03, a constant that hides the rest of the "
+        "KL; lambda_p = lambda_max makes that term 0 for q at its cap.", 1.0,
+    )
     jitter: float = _help("Relative diagonal jitter added when a kernel Cholesky fails.", 1e-6)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,7 @@ class BLoRAConfig:
             0 < self.lambda_init < self.lambda_max,
             f"lambda_init must be in (0, lambda_max={self.lambda_max}), got {self.lambda_init!r}",
         )
+        _check(self.lambda_prior > 0, f"lambda_prior must be positive, got {self.lambda_prior!r}")
         _check(0 < self.jitter < 1, f"jitter must be in (0, 1), got {self.jitter!r}")
 
     def to_dict(self) -> dict[str, Any]:

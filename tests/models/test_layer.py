@@ -149,3 +149,23 @@ def test_llama2_7b_extra_parameters_match_the_formula(capsys):
             f"(inducing inputs {(adapter - lora) / 1e6:.3f}M, guide {guide_total / 1e6:.3f}M); "
             "paper: +0.42M"
         )
+
+
+@pytest.mark.parametrize("lambda_prior", [1.0, 0.03, 0.3])
+def test_the_prior_conditional_uses_lambda_prior_and_its_kl_follows_the_formula(lambda_prior: float) -> None:
+    import math
+
+    from torch.distributions import kl_divergence
+
+    from pyro_blora.models.layer import InducingFactor
+
+    config = BLoRAConfig(r=4, inducing_rows=4, inducing_cols=4, lambda_prior=lambda_prior)
+    factor = InducingFactor("f", 4, 16, config)
+    trace = poutine.trace(factor.model).get_trace()
+    prior_w = trace.nodes["f.W"]["fn"]
+    u_value = trace.nodes["f.U"]["value"]
+    q = factor.conditional(u_value, torch.tensor(0.03))
+    entries = 4 * 16
+    ratio = 0.03 / lambda_prior
+    expected = entries / 2 * (ratio**2 - 1 - 2 * math.log(ratio))
+    assert float(kl_divergence(q, prior_w).detach()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
