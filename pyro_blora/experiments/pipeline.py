@@ -1,15 +1,19 @@
-"""One task, several guides, one table: the pipeline behind ``pyro-blora fit | compare``.
+"""One task, several guides, one table: the pipeline behind ``pyro-blora fit | compare | evaluate``.
 
 :func:`compare` loads a model and a task, caches the frozen bottom blocks once
 (when only the top blocks are adapted), fits every method with the same seed
 and settings, evaluates each on the validation and test splits, and writes
 
-* ``<output>/<method>/``: the adapter (safetensors + JSON), ``metrics.json``,
+* ``<output>/<method>/``: the adapter (safetensors + JSON), ``experiment.json``
+  (how it was made: :mod:`pyro_blora.experiments.record`), ``metrics.json``,
   ``history.json`` and ``predictions.safetensors`` (per-sample test probabilities);
 * ``<output>/summary.json`` and ``summary.md``: the table;
 * the plots of :mod:`pyro_blora.experiments.report`.
 
-Model selection never reads the test split.
+The settings are checked when the :class:`ExperimentConfig` is built
+(:mod:`pyro_blora.experiments.settings`); what each method gets is read from its
+record (:mod:`pyro_blora.experiments.method_setup`). Model selection never reads
+the test split.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -33,96 +37,30 @@ from pyro_blora.inject import remove_adapters
 from pyro_blora.io import ensure_writable
 from pyro_blora.tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
 from pyro_blora.tasks.cached import cached_task, split_decoder
+from pyro_blora.tasks.datasets import load_classification
+from pyro_blora.experiments.method_setup import method_setup
+from pyro_blora.experiments.record import check_adapter_folder, check_classes, write_record
+from pyro_blora.experiments.runs import cleaned_on_failure, remove_empty_checkpoint
+from pyro_blora.experiments.settings import DRUG_REVIEW_TEMPLATE, ExperimentConfig, file_task
 
 __all__ = [
     "ExperimentConfig", "compare", "evaluate_adapter", "evaluate_zero_shot", "prepare", "load_splits", "fit_method",
     "blora_config", "guide_options", "run_method", "format_table", "DRUG_REVIEW_TEMPLATE",
 ]
 
+PARTS = ("train", "validation", "test", "shifted")
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-DRUG_REVIEW_TEMPLATE = "Drug review: {text}\nIs the review positive, negative or neutral? Answer:"
-
-
-@dataclass
-class ExperimentConfig:
-    """Settings of a ``compare`` run; each field is also a CLI option and a config-file key.
-
-    The defaults are the embedded demo, sized to run in about ten minutes on two
-    CPU cores: binary Drugs.com sentiment (the 3-way task stays at the class
-    prior for SmolLM2-135M within that budget), the top 2 blocks and the LM head
-    adapted on cached activations of the 28 frozen blocks below, 64-token
-    prompts, 10 epochs at lr 1e-2, and prior_sd 1 (at the paper's 0.1 the prior
-    holds the adapters near zero in so short a run: the MAP model stays at the
-    class prior).
-    """
-
-    model: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded default), a local folder or a hub id."})
-    task: str = field(
-        default="drug_reviews_binary",
-        metadata={"help": "drug_reviews | drug_reviews_binary | arc_easy | arc_challenge | openbookqa | boolq | winogrande_s | winogrande_m"},
-    )
-    scoring: str = field(default="answer_token", metadata={"help": "answer_token (answer words) | choice_likelihood (lm-eval-harness acc)."})
-    normalize: str = field(
-        default="none",
-        metadata={"help": "choice_likelihood only: none (harness acc) | chars (harness acc_norm) | tokens (per-token mean)."},
-    )
-    methods: list[str] = field(
-        default_factory=lambda: ["delta", "flow"],
-        metadata={"help": "Methods to fit: guides flow, normal, mvn, delta; baselines mc_dropout, ensemble, blob, laplace."},
-    )
-    prior: str = field(default="gp", metadata={"help": "Prior over U: gp | normal."})
-    flow: list[str] = field(default_factory=lambda: ["affine_autoregressive"], metadata={"help": "Flow chain (transform names)."})
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
-    lambda_max: float = field(default=0.03, metadata={"help": "Cap of lambda, the scale of q(W | U) (paper: 0.03)."})
-    scale_max: float = field(default=0.1, metadata={"help": "Cap of the sd of q(U_w) in normal/mvn/flow guides (paper: 0.1)."})
-    prior_sd: float = field(default=1.0, metadata={"help": "Prior sd numerator of the factors."})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"], metadata={"help": "Modules to adapt."})
-    bayesian_modules: Optional[list[str]] = field(default_factory=lambda: ["q_proj", "lm_head"], metadata={"help": "Bayesian subset (None: all)."})
-    trainable_layers: Optional[int] = field(default=2, metadata={"help": "Adapt only the top k blocks and cache the rest (None: all blocks)."})
-    max_length: int = field(default=64, metadata={"help": "Prompt tokens at most (longer reviews lose their start)."})
-    train_size: Optional[int] = field(default=None, metadata={"help": "Subsample the training split to this many examples."})
-    validation_size: Optional[int] = field(default=None, metadata={"help": "Subsample the validation split."})
-    test_size: Optional[int] = field(default=None, metadata={"help": "Subsample the test split."})
-    epochs: int = field(default=10, metadata={"help": "Training epochs (ignored when num_steps is set)."})
-    num_steps: Optional[int] = field(default=None, metadata={"help": "Optimiser steps."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per step."})
-    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate."})
-    kl_weight: float = field(default=1.0, metadata={"help": "KL weight beta (1 = proper ELBO)."})
-    variance_lr_multiplier: float = field(default=10.0, metadata={"help": "Learning-rate multiplier of sigma and lambda."})
-    num_samples: int = field(default=4, metadata={"help": "Posterior samples per prediction."})
-    seed: int = field(default=0, metadata={"help": "Random seed."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the benchmark JSONL files (default ../shared/data)."})
-    output: str = field(default="runs/compare", metadata={"help": "Output folder."})
-    device: str = field(default="cpu", metadata={"help": "Where the model runs: cpu, cuda, cuda:1, mps."})
-
-    def __post_init__(self) -> None:
-        if self.scoring not in ("answer_token", "choice_likelihood"):
-            raise ValueError(f"scoring must be answer_token or choice_likelihood, got {self.scoring!r}")
-        if self.normalize not in ("none", "chars", "tokens"):
-            raise ValueError(f"normalize must be none, chars or tokens, got {self.normalize!r}")
-        from pyro_blora.methods import method_names
-
-        if not self.methods:
-            raise ValueError("methods is empty: name at least one guide (flow, normal, mvn, delta) or baseline")
-        unknown = [m for m in self.methods if m not in method_names()]
-        if unknown:  # also keeps output folders (<output>/<method>) inside the output
-            raise ValueError(f"unknown method(s) {unknown}; choose from {method_names()}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as err:
-            raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:0, mps): {err}") from err
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-
-
 @dataclass
 class Prepared:
-    """Model, task and data ready for :func:`fit`: possibly the top part of a split decoder."""
+    """Model, task and data ready for :func:`fit`: possibly the top part of a split decoder.
+
+    A part :func:`prepare` was not asked for is an empty list.
+    """
 
     net: torch.nn.Module
     task: Any
@@ -131,33 +69,53 @@ class Prepared:
     validation: list
     test: list
     shifted: list
+    template: Optional[str] = None
 
 
 def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
     """The task's train / validation / test splits under ``cfg`` (data seed ``cfg.seed``, subsampled to its sizes)."""
-    if cfg.task in ("drug_reviews", "drug_reviews_binary"):
+    path = file_task(cfg.task)
+    if path is not None:
+        splits = load_classification(path, seed=cfg.seed, name=path.stem)
+    elif cfg.task in ("drug_reviews", "drug_reviews_binary"):
         splits = load_drug_reviews(binary=cfg.task.endswith("binary"), seed=cfg.seed)
     else:
         splits = load_benchmark(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
     return subsample(splits, train=cfg.train_size, validation=cfg.validation_size, test=cfg.test_size, seed=cfg.seed)
 
 
-def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any):
+def prompt_template(cfg: ExperimentConfig, splits: DatasetSplits) -> Optional[str]:
+    """The template the task uses: ``cfg.template``, else the task's own (None: the built-in multiple-choice ones)."""
+    if cfg.template is not None:
+        return cfg.template
     if cfg.scoring == "choice_likelihood":
-        if splits.kind != "multiple_choice":
-            raise ValueError(f"choice_likelihood scoring needs a multiple-choice task; {cfg.task} is {splits.kind}")
-        normalize = {"none": False, "chars": True, "tokens": "tokens"}[cfg.normalize]
         # a passage (BoolQ) goes before the question; long ones lose their start, never the question
         with_context = any(example.get("context") for example in splits.train[:50])
-        template = "{context}\nQuestion: {question}\nAnswer:" if with_context else "Question: {question}\nAnswer:"
+        return "{context}\nQuestion: {question}\nAnswer:" if with_context else "Question: {question}\nAnswer:"
+    if splits.kind == "classification":
+        from pyro_blora.tasks import CLASSIFICATION_TEMPLATE
+
+        return DRUG_REVIEW_TEMPLATE if cfg.task.startswith("drug_reviews") else CLASSIFICATION_TEMPLATE
+    return None
+
+
+def _answer_task(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: Any) -> Any:
+    template = prompt_template(cfg, splits)
+    if cfg.scoring == "choice_likelihood":
+        normalize = {"none": False, "chars": True, "tokens": "tokens"}[cfg.normalize]
         return ChoiceLikelihoodTask(
             tokenizer, template=template, normalize=normalize, max_length=cfg.max_length, num_classes=splits.num_classes
         )
     if splits.kind == "classification":
         words = [" " + name for name in splits.class_names]
-        return AnswerTokenTask(tokenizer, words, template=DRUG_REVIEW_TEMPLATE, max_length=cfg.max_length)
+        task = AnswerTokenTask(tokenizer, words, template=template, max_length=cfg.max_length)
+        room = cfg.max_length - len(task.prompt({"text": ""}))
+        if room < 1:  # the text would be cut away entirely: every prompt the same
+            raise ValueError(f"max_length {cfg.max_length} leaves no room for the text: the template alone is "
+                             f"{cfg.max_length - room} tokens; raise --max-length")
+        return task
     letters = [" " + chr(ord("A") + i) for i in range(splits.num_classes)]
-    return AnswerTokenTask(tokenizer, letters, max_length=cfg.max_length)
+    return AnswerTokenTask(tokenizer, letters, template=template, max_length=cfg.max_length)
 
 
 def _shift(examples: list, seed: int, size: int = 100) -> list:
@@ -173,28 +131,34 @@ def _shift(examples: list, seed: int, size: int = 100) -> list:
     return out
 
 
-def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> Prepared:
-    """Load the model and data, build the task, and cache the frozen bottom blocks when asked."""
+def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log, parts: Sequence[str] = PARTS,
+            splits: Optional[DatasetSplits] = None) -> Prepared:
+    """Load the model and data, build the task, and cache the frozen bottom blocks when asked.
+
+    ``parts``: which of train / validation / test / shifted to keep (and cache);
+    ``splits``: already loaded ones (else :func:`load_splits`).
+    """
     from pyro_blora.experiments.zoo import load_model
 
-    splits = load_splits(cfg)
+    splits = splits if splits is not None else load_splits(cfg)
     log(f"data: {splits.describe()}")
     model, tokenizer = load_model(cfg.model, "causal_lm")
     model.eval().to(cfg.device)
     task = _answer_task(cfg, splits, tokenizer)
-    shifted = _shift(splits.test, cfg.seed)
+    data = {"train": splits.train, "validation": splits.validation, "test": splits.test,
+            "shifted": _shift(splits.test, cfg.seed)}
+    data = {name: (list(examples) if name in parts else []) for name, examples in data.items()}
+    template = prompt_template(cfg, splits)
     if cfg.trainable_layers is None or not isinstance(task, (AnswerTokenTask, ChoiceLikelihoodTask)):
-        return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
+        return Prepared(model, task, splits, *data.values(), template=template)
     try:
         bottom, top = split_decoder(model, cfg.trainable_layers)
     except TypeError as err:  # not a Llama-style decoder: adapt its top blocks without a cache
         log(f"no activation cache: {err}")
-        return Prepared(model, task, splits, splits.train, splits.validation, splits.test, shifted)
+        return Prepared(model, task, splits, *data.values(), template=template)
     cached = cached_task(task, bottom)
-    parts = [cached.cache(list(part), desc=f"caching {name}") for name, part in (
-        ("train", splits.train), ("validation", splits.validation), ("test", splits.test), ("shifted", shifted)
-    )]
-    return Prepared(top, cached, splits, *parts)
+    cached_parts = [cached.cache(part, desc=f"caching {name}") if part else [] for name, part in data.items()]
+    return Prepared(top, cached, splits, *cached_parts, template=template)
 
 
 def _top_block_targets(net: torch.nn.Module, names: list[str], blocks: Optional[int]) -> list[str]:
@@ -215,70 +179,61 @@ def _top_block_targets(net: torch.nn.Module, names: list[str], blocks: Optional[
 def blora_config(cfg: ExperimentConfig, net: Optional[torch.nn.Module] = None, method: str = "delta") -> BLoRAConfig:
     """The adapter config of ``method`` under ``cfg``: its targets (cut to the top blocks of ``net``), rank, prior.
 
-    MC dropout gets the rate of its baseline (:data:`pyro_blora.baselines.mc_dropout.DEFAULT_DROPOUT`)
-    on the LoRA path; every other method keeps the config's training dropout.
+    A method whose record's ``benchmark_defaults`` name BLoRAConfig fields gets them here.
     """
-    targets = list(cfg.target_modules)
+    config = cfg.blora_config()
+    changes = dict(method_setup(cfg, method).config)
     if net is not None:  # the uncached path (choice likelihood) adapts the same top blocks
-        targets = _top_block_targets(net, targets, cfg.trainable_layers)
-    config = BLoRAConfig(
-        target_modules=targets,
-        bayesian_modules=None if cfg.bayesian_modules is None else list(cfg.bayesian_modules),
-        r=cfg.r,
-        alpha=cfg.alpha,
-        prior=cfg.prior,
-        prior_sd=cfg.prior_sd,
-        lambda_max=cfg.lambda_max,
-    )
-    if method == "mc_dropout":
-        from pyro_blora.baselines.mc_dropout import DEFAULT_DROPOUT
-
-        config = dataclasses.replace(config, dropout=DEFAULT_DROPOUT)
-    return config
+        changes["target_modules"] = _top_block_targets(net, list(config.target_modules), cfg.trainable_layers)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def guide_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
-    """The ``guide_options`` of ``method`` under ``cfg``: flow chain and sd cap of the Bayesian-LoRA guides."""
-    options: dict[str, Any] = {"transforms": list(cfg.flow)} if method == "flow" else {}
-    if method in ("flow", "normal", "mvn"):
-        options["scale_max"] = cfg.scale_max
-    return options
+    """The ``guide_options`` of ``method`` under ``cfg``: its record's benchmark defaults and the guide settings it takes."""
+    return method_setup(cfg, method).options
 
 
 def fit_method(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: Optional[int] = None, **options: Any) -> Any:
     """:func:`pyro_blora.fit` of one method with ``cfg``'s settings on ``prepared``'s training split.
 
     ``seed`` defaults to ``cfg.seed``; ``options`` go to :func:`fit` as they are
-    (``progress=False``, ``callbacks``). Last-layer Laplace also gets the
-    validation split, to tune its prior precision; no other method sees it.
+    (``progress=False``, ``callbacks``, ``checkpoint_dir``, ``resume_from``). A method
+    whose record says it needs the validation split (last-layer Laplace tunes
+    its prior precision on it) gets it; no other method sees it.
     """
-    if method == "laplace":
+    setup = method_setup(cfg, method)
+    if setup.needs_validation:
         options.setdefault("val_data", prepared.validation)
+    train = {**cfg.train_options(), **setup.train, **({} if seed is None else {"seed": seed})}
     return fit(
         prepared.net,
         prepared.train,
         guide=method,
         task=prepared.task,
         config=blora_config(cfg, prepared.net, method),
-        guide_options=guide_options(cfg, method),
-        epochs=cfg.epochs,
-        num_steps=cfg.num_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        kl_weight=cfg.kl_weight,
-        variance_lr_multiplier=cfg.variance_lr_multiplier,
-        seed=cfg.seed if seed is None else seed,
-        **options,
+        guide_options=setup.options,
+        **{**train, **options},
     )
+
+
+def _checkpoint_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
+    """Ctrl-C checkpoints into ``<checkpoint root>/<method>``; resume from ``<resume>/<method>`` when it is there."""
+    options: dict[str, Any] = {"checkpoint_dir": str(cfg.checkpoint_root() / method)}
+    if cfg.resume is not None and (Path(cfg.resume) / method).is_dir():
+        options["resume_from"] = str(Path(cfg.resume) / method)
+    return options
 
 
 def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path) -> dict[str, Any]:
     """Fit one method, evaluate it on validation and test, and write its folder."""
-    start = time.perf_counter()
-    result = fit_method(cfg, prepared, method)
-    train_seconds = time.perf_counter() - start
     folder = out / method
+    if cfg.resume is not None and (folder / "metrics.json").is_file() and not (Path(cfg.resume) / method).is_dir():
+        return json.loads((folder / "metrics.json").read_text())  # finished before the interruption
+    start = time.perf_counter()
+    result = fit_method(cfg, prepared, method, **_checkpoint_options(cfg, method))
+    train_seconds = time.perf_counter() - start
     result.save(folder)
+    write_record(folder, cfg, prepared.template, prepared.splits.class_names)
     validation = result.evaluate(prepared.validation, num_samples=cfg.num_samples)
     prediction = result.predict(prepared.test, num_samples=cfg.num_samples, seed=cfg.seed)
     test = prediction.metrics()
@@ -294,6 +249,7 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (folder / "history.json").write_text(json.dumps(result.history))
     remove_adapters(prepared.net)
+    remove_empty_checkpoint(cfg.checkpoint_root() / method)
     return metrics
 
 
@@ -313,33 +269,44 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def compare(cfg: ExperimentConfig, log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
-    """Fit every method of ``cfg`` on its task and write the table and plots."""
-    out = Path(cfg.output)
-    ensure_writable(out)
-    torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
-    prepared = prepare(cfg, log)
-    log(f"prepared in {time.perf_counter() - start:.0f} s")
-    rows = [run_method(cfg, prepared, method, out) for method in cfg.methods]
-    table = format_table(rows)
-    total = time.perf_counter() - start
-    summary = {"config": dataclasses.asdict(cfg), "results": rows, "total_seconds": total}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(table + "\n")
-    from pyro_blora.experiments.report import write_plots
+    """Fit every method of ``cfg`` on its task and write the table and plots.
 
-    write_plots(out, class_names=prepared.splits.class_names)
+    A failure removes the folders this run created (never one that was there
+    before); Ctrl-C keeps them with the checkpoint and raises
+    :class:`~pyro_blora.experiments.runs.Interrupted` naming it.
+    """
+    out = Path(cfg.output)
+    root = cfg.checkpoint_root()
+    with cleaned_on_failure([out, root, *(out / m for m in cfg.methods)], root, cfg):
+        ensure_writable(out)
+        torch.manual_seed(cfg.seed)
+        start = time.perf_counter()
+        prepared = prepare(cfg, log)
+        log(f"prepared in {time.perf_counter() - start:.0f} s")
+        rows = [run_method(cfg, prepared, method, out) for method in cfg.methods]
+        table = format_table(rows)
+        total = time.perf_counter() - start
+        summary = {"config": dataclasses.asdict(cfg), "results": rows, "total_seconds": total}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(table + "\n")
+        from pyro_blora.experiments.report import write_plots
+
+        write_plots(out, class_names=prepared.splits.class_names)
     print(table)
     log(f"total {total:.0f} s; results and plots in {out}")
     return rows
 
 
 def evaluate_adapter(cfg: ExperimentConfig, adapter: str | Path) -> dict[str, Any]:
-    """Metrics of a saved adapter on ``cfg``'s task: validation and test splits."""
+    """Metrics of a saved adapter on ``cfg``'s task: validation and test splits (the training split is not cached)."""
     from pyro_blora.api import load
 
-    prepared = prepare(cfg)
-    result = load(adapter, prepared.net, task=prepared.task)
+    folder = Path(adapter)
+    check_adapter_folder(folder)
+    splits = load_splits(cfg)
+    check_classes(folder, cfg.task, splits.class_names)  # before the model loads
+    prepared = prepare(cfg, parts=("validation", "test"), splits=splits)
+    result = load(folder, prepared.net, task=prepared.task)
     return {
         "adapter": str(adapter),
         "validation": result.evaluate(prepared.validation, num_samples=cfg.num_samples),

@@ -38,7 +38,7 @@ def test_config_file_and_flags_merge(tmp_path):
 def test_unknown_config_key_is_named(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"learning_rate": 0.1}))
-    with pytest.raises(SystemExit, match=r"unknown option\(s\) \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]"):
         experiment_config(build_parser().parse_args(["compare", "--config", str(config)]))
 
 

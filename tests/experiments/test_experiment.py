@@ -50,14 +50,27 @@ def test_unknown_method_names_the_baselines() -> None:
         ExperimentConfig(device="gpu0")
 
 
-def test_blora_config_gives_mc_dropout_its_rate_and_cuts_targets_to_the_top_blocks(tiny_llama) -> None:
+def test_method_settings_come_from_the_method_records(tiny_llama) -> None:
     from pyro_blora.experiments.pipeline import blora_config, guide_options
     from pyro_blora.baselines.mc_dropout import DEFAULT_DROPOUT
+    from pyro_blora.methods import METHODS
 
     cfg = ExperimentConfig(target_modules=["q_proj"], trainable_layers=1)
-    assert blora_config(cfg, method="mc_dropout").dropout == DEFAULT_DROPOUT
+    # MC dropout's rate is its record's benchmark default, passed as its option (no name branch in the pipeline)
+    assert METHODS["mc_dropout"].benchmark_defaults["dropout"] == DEFAULT_DROPOUT
+    assert guide_options(cfg, "mc_dropout") == {"dropout": DEFAULT_DROPOUT}
     assert blora_config(cfg, method="delta").dropout == BLoRAConfig().dropout
     top = len(tiny_llama.model.layers) - 1
     assert blora_config(cfg, tiny_llama).target_modules == [f"model.layers.{top}.self_attn.q_proj"]
     assert guide_options(cfg, "flow") == {"transforms": ["affine_autoregressive"], "scale_max": cfg.scale_max}
+    assert guide_options(cfg, "normal") == {"scale_max": cfg.scale_max}
     assert guide_options(cfg, "delta") == {}
+
+
+def test_every_registered_method_has_benchmark_defaults_the_pipeline_understands() -> None:
+    from pyro_blora.experiments.method_setup import method_records, method_setup
+
+    cfg = ExperimentConfig()
+    for name in method_records():
+        method_setup(cfg, name)  # raises on a key that is neither an option, a config field nor a flag
+    assert method_setup(cfg, "laplace").needs_validation and not method_setup(cfg, "delta").needs_validation
