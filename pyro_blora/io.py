@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_NAME", "FORMAT_VERSION", "METHOD_FILE", "WEIGHTS_NAME", "atomic_write", "dump_json", "ensure_writable",
-    "fingerprint", "is_main_process", "read_config", "read_json", "read_method_file", "save", "write_method_file",
+    "fingerprint", "is_main_process", "with_user_mode", "read_config", "read_json", "read_method_file", "save", "write_method_file",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -119,10 +119,16 @@ def ensure_writable(folder: Path) -> None:
         raise ValueError(f"output folder {folder} is not writable ({err.strerror or err}); choose another --output") from err
 
 
-def _umask() -> int:
+def with_user_mode(path: Path) -> Path:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would: 0666 (files) or 0777 (folders) less the umask.
+
+    ``tempfile`` creates its files 0600 and folders 0700, which would make adapters,
+    predictions and checkpoints unreadable to the user's group unlike every other file.
+    """
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return path
 
 
 def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
@@ -137,7 +143,7 @@ def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        with_user_mode(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -195,3 +195,21 @@ def test_a_saved_flow_adapter_evaluates_to_the_same_numbers_every_time(saved) ->
     torch.manual_seed(123)  # the caller's RNG state does not leak into the default prediction
     assert loaded.evaluate(data) == first
     assert not torch.equal(loaded.predict(data, seed=None).sample_probs, loaded.predict(data, seed=None).sample_probs)
+
+
+def test_saved_files_and_checkpoints_follow_the_users_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        net = make_net()
+        result = pyro_blora.fit(net, make_data(), "delta", config=CONFIG, num_steps=2, batch_size=8, progress=False,
+                                checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
+        result.save(tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "adapter").iterdir(), *(tmp_path / "ckpt").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files}
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
+    assert wrong == {}

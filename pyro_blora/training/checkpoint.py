@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from pyro_blora.io import read_json
+from pyro_blora.io import read_json, with_user_mode
 
 if TYPE_CHECKING:
     from pyro_blora.result import FitResult
@@ -165,6 +165,7 @@ def _write(folder: Path, name: str, tensors: Optional[dict[str, Tensor]] = None,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
     else:
         target.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    with_user_mode(target)  # safetensors writes 0600
     with open(target, "rb") as handle:
         os.fsync(handle.fileno())
 
@@ -222,7 +223,7 @@ def save_checkpoint(
     trainable = dict(state)
     if best is not None:
         trainable.update({f"best.{k}": v for k, v in best.items()})
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step-"))
+    tmp = with_user_mode(Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step-")))
     try:
         _write(tmp, TRAINABLE, trainable)
         _write(tmp, OPTIMIZER, optim_tensors)
