@@ -32,6 +32,7 @@ def fit(
     data: Data,
     guide: Union[GuideSpec, nn.Module] = "flow",
     *,
+    method: Optional[str] = None,
     task: Optional[Task] = None,
     config: Union[BLoRAConfig, dict, None] = None,
     guide_options: Any = None,
@@ -52,6 +53,8 @@ def fit(
             plain LoRA) or a baseline (``"mc_dropout"``, ``"ensemble"``, ``"blob"``,
             ``"laplace"``, ...); or an :class:`~pyro_blora.guides.InducingGuide`
             subclass, a ``factory(site)``, or a ready guide module.
+        method: the same as ``guide`` for a registered method, under the name that fits
+            the baselines (which are not guides); give one of the two.
         task: turns batches into class logits; default :class:`~pyro_blora.tasks.TensorTask`.
         config: where the adapters go and their prior (:class:`BLoRAConfig` or dict).
         guide_options: the method's options: its options dataclass
@@ -68,6 +71,10 @@ def fit(
     Returns:
         The method's result (a :class:`~pyro_blora.result.Posterior`: ``predict``, ``evaluate``, ``save``).
     """
+    if method is not None:
+        if guide != "flow":
+            raise ValueError(f"give the method once: guide={guide!r} and method={method!r}")
+        guide = method
     request = FitRequest(task, config, val_data, tuple(callbacks), resume_from, options)
     if isinstance(guide, str) and guide in METHODS:
         method = METHODS[guide]

@@ -372,3 +372,13 @@ def test_validation_options_need_validation_data():
     data = [{"inputs": torch.randn(4), "labels": 0}] * 4
     with pytest.raises(ValueError, match="need val_data"):
         pyro_blora.fit(net, data, config=pyro_blora.BLoRAConfig(target_modules=["0"]), eval_every=2, progress=False)
+
+
+def test_method_is_another_name_for_a_registered_guide_and_is_given_once() -> None:
+    from pyro_blora.baselines.mc_dropout import MCDropoutResult
+
+    result = pyro_blora.fit(make_net(), make_data(), method="mc_dropout", config=make_config(dropout=0.1),
+                            num_steps=1, batch_size=8, progress=False)
+    assert isinstance(result, MCDropoutResult)
+    with pytest.raises(ValueError, match=r"give the method once: guide='delta' and method='flow'"):
+        pyro_blora.fit(make_net(), make_data(), "delta", method="flow", num_steps=1, progress=False)
