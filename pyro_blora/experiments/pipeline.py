@@ -230,7 +230,8 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
     if cfg.resume is not None and (folder / "metrics.json").is_file() and not (Path(cfg.resume) / method).is_dir():
         return json.loads((folder / "metrics.json").read_text())  # finished before the interruption
     start = time.perf_counter()
-    result = fit_method(cfg, prepared, method, **_checkpoint_options(cfg, method))
+    checkpoint = _checkpoint_options(cfg, method)
+    result = fit_method(cfg, prepared, method, **checkpoint)
     train_seconds = time.perf_counter() - start
     result.save(folder)
     write_record(folder, cfg, prepared.template, prepared.splits.class_names)
@@ -249,7 +250,8 @@ def run_method(cfg: ExperimentConfig, prepared: Prepared, method: str, out: Path
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (folder / "history.json").write_text(json.dumps(result.history))
     remove_adapters(prepared.net)
-    remove_empty_checkpoint(cfg.checkpoint_root() / method)
+    resumed = "resume_from" in checkpoint and Path(checkpoint["resume_from"]) == Path(checkpoint["checkpoint_dir"])
+    remove_empty_checkpoint(Path(checkpoint["checkpoint_dir"]), consumed=resumed)
     return metrics
 
 

@@ -29,13 +29,16 @@ def has_checkpoint(root: Path) -> bool:
     return root.is_dir() and any(root.rglob(_LATEST))
 
 
-def remove_empty_checkpoint(folder: Path) -> None:
-    """Remove a method's checkpoint folder that holds no checkpoint (fit creates it up front)."""
-    if folder.is_dir() and not has_checkpoint(folder):
+def remove_empty_checkpoint(folder: Path, consumed: bool = False) -> None:
+    """After a method finished: remove its checkpoint folder if it holds no checkpoint, or ``consumed`` (resumed from).
+
+    The checkpoint root goes too once nothing but the run's record is left in it.
+    """
+    if folder.is_dir() and (consumed or not has_checkpoint(folder)):
         shutil.rmtree(folder, ignore_errors=True)
-    parent = folder.parent
-    if parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
+    root = folder.parent
+    if root.is_dir() and all(p.name == RUN_RECORD for p in root.iterdir()):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_record(cfg: Any, root: Path) -> None:

@@ -153,3 +153,9 @@ def test_evaluate_takes_the_adapters_record_and_warns_where_flags_contradict(tmp
     assert "max_length 32 differs from 48" in warnings[0]
     # a different rank is named as ignored, not blamed on a different base model
     assert "r 4 is ignored: the adapter in" in warnings[1] and "saved with r 8" in warnings[1]
+
+
+def test_a_binary_adapter_is_refused_on_the_three_class_drug_reviews(tmp_path, capsys) -> None:
+    adapter = _fake_adapter(tmp_path / "run" / "delta")
+    line = refused(["evaluate", "--adapter", str(adapter), "--task", "drug_reviews"], capsys, warnings=1)
+    assert "with 2 classes (negative, positive); drug_reviews has 3 (negative, neutral, positive)" in line
