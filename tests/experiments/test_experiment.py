@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -74,3 +75,26 @@ def test_every_registered_method_has_benchmark_defaults_the_pipeline_understands
     for name in method_records():
         method_setup(cfg, name)  # raises on a key that is neither an option, a config field nor a flag
     assert method_setup(cfg, "laplace").needs_validation and not method_setup(cfg, "delta").needs_validation
+
+
+def test_evaluate_reads_the_saved_adapter_and_caches_only_the_splits_it_scores(prepared, tiny_llama, smollm2_tokenizer,
+                                                                              monkeypatch, tmp_path) -> None:
+    from pyro_blora.experiments import pipeline, zoo
+    from pyro_blora.experiments.record import read_record
+
+    cfg = ExperimentConfig(methods=["delta"], target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"],
+                           trainable_layers=None, num_steps=2, batch_size=4, num_samples=2, output=str(tmp_path))
+    run_method(cfg, prepared, "delta", tmp_path)
+    record = read_record(tmp_path / "delta")
+    assert record["task"] == "drug_reviews_binary" and record["num_classes"] == 2 and record["max_length"] == 64
+    monkeypatch.setattr(pipeline, "load_splits", lambda cfg: prepared.splits)
+    monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: (prepared.net, smollm2_tokenizer))
+    cached = []
+    original = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: cached.append(k["parts"]) or original(*a, **k))
+    metrics = pipeline.evaluate_adapter(cfg, tmp_path / "delta")
+    assert cached == [("validation", "test")] and metrics["test"]["num_examples"] == len(REVIEWS)
+    # prepare keeps (and would cache) only the parts asked for
+    monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: (tiny_llama, smollm2_tokenizer))
+    part = original(dataclasses.replace(cfg, trainable_layers=1), parts=("validation",), splits=prepared.splits)
+    assert part.train == [] and part.test == [] and part.shifted == [] and len(part.validation) == len(REVIEWS)
