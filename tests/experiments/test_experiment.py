@@ -98,3 +98,23 @@ def test_evaluate_reads_the_saved_adapter_and_caches_only_the_splits_it_scores(p
     monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: (tiny_llama, smollm2_tokenizer))
     part = original(dataclasses.replace(cfg, trainable_layers=1), parts=("validation",), splits=prepared.splits)
     assert part.train == [] and part.test == [] and part.shifted == [] and len(part.validation) == len(REVIEWS)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_your_own_file_is_a_task(tmp_path, suffix) -> None:
+    from pyro_blora.experiments.pipeline import load_splits, prompt_template
+    from pyro_blora.tasks import CLASSIFICATION_TEMPLATE
+
+    rows = [{"text": f"review number {i}", "label": "good" if i % 2 else "bad"} for i in range(40)]
+    file = tmp_path / f"mine.{suffix}"
+    if suffix == "csv":
+        file.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    else:
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = ExperimentConfig(task=f"{suffix}:{file}", train_size=10)
+    splits = load_splits(cfg)
+    assert splits.kind == "classification" and splits.class_names == ["bad", "good"] and len(splits.train) == 10
+    assert len(splits.validation) > 0 and len(splits.test) > 0
+    assert prompt_template(cfg, splits) == CLASSIFICATION_TEMPLATE
+    custom = ExperimentConfig(task=f"{suffix}:{file}", template="Review: {text}\nVerdict:")
+    assert prompt_template(custom, splits) == "Review: {text}\nVerdict:"
