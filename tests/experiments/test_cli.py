@@ -57,9 +57,14 @@ def test_compare_evaluate_plot_end_to_end(tmp_path, capsys):
     assert (out / "flow" / "adapter_model.safetensors").is_file()
     assert (out / "reliability.png").stat().st_size > 0
     assert "| flow |" in (out / "summary.md").read_text()
+    record = json.loads((out / "flow" / "experiment.json").read_text())
+    assert record["max_length"] == 48 and record["trainable_layers"] == 1 and record["num_classes"] == 2
+    assert not (out / "checkpoint").exists()
     capsys.readouterr()
-    assert main(["evaluate", *TINY, "--adapter", str(out / "flow")]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics["test"]["num_examples"] == 6
+    # the task settings come from the adapter's experiment.json: only the split sizes are given again
+    sizes = ["--train-size", "12", "--validation-size", "6", "--test-size", "6", "--num-samples", "2"]
+    assert main(["evaluate", *sizes, "--adapter", str(out / "flow")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["test"]["num_examples"] == 6 and "warning" not in captured.err
     assert main(["plot", "--output", str(out)]) == 0
     assert "posterior_predictive_flow.png" in capsys.readouterr().out

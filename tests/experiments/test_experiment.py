@@ -39,7 +39,8 @@ def test_run_method_fits_a_baseline_and_the_report_draws_it(prepared, method, tm
     assert row["method"] == method and 0.0 <= row["test"]["ece"] <= 1.0
     folder = tmp_path / method
     assert json.loads((folder / "metrics.json").read_text())["test"]["num_examples"] == len(REVIEWS)
-    assert (folder / "predictions.safetensors").is_file()
+    assert (folder / "predictions.safetensors").is_file() and (folder / "experiment.json").is_file()
+    assert not (tmp_path / "checkpoint").exists()  # fit made the Ctrl-C checkpoint folder; unused, it goes
     assert any(p.name.startswith("reliability") for p in write_plots(tmp_path))
     assert not any(name.startswith("model.layers") for name, _ in prepared.net.named_modules() if "lora" in name)
 
