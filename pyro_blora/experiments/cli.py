@@ -191,7 +191,8 @@ def _fit_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.guide is not None or "methods" not in values:  # a resumed run keeps its method unless told otherwise
         values["methods"] = [args.guide or "flow"]
     if len(values["methods"]) != 1:
-        raise ValueError(f"fit takes one method, the record of {args.resume} names {values['methods']}: use compare")
+        raise ValueError(f"fit takes one method, got {values['methods']} from the config file or the resumed run: "
+                         "choose one with --guide, or use compare")
     return ExperimentConfig(**values)
 
 

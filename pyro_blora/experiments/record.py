@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from pyro_blora.experiments.settings import ADAPTER_FIELDS
+from pyro_blora.experiments.settings import ADAPTER_FIELDS, task_kind
 
 __all__ = ["RECORD_NAME", "RECORDED", "check_classes", "check_adapter_folder", "read_record", "reconcile", "write_record"]
 
 RECORD_NAME = "experiment.json"
+# a prompt template and a scoring rule belong to their task: another task keeps its own
+_TIED_TO_TASK = ("template", "scoring", "normalize")
 RECORDED = ("task", "scoring", "normalize", "template", "trainable_layers", "max_length", "model", "data_dir")
 
 
@@ -72,8 +74,9 @@ def reconcile(values: dict[str, Any], explicit: set[str], folder: Path, warn: Ca
     """
     record = read_record(folder) or {}
     out = dict(values)
+    other_task = "task" in explicit and "task" in record and values.get("task") != record["task"]
     for key in RECORDED:
-        if key not in record:
+        if key not in record or (other_task and key in _TIED_TO_TASK):
             continue
         if key not in explicit:
             out[key] = record[key]
@@ -93,10 +96,14 @@ def _differs(given: Any, saved: Any) -> bool:
 
 
 def check_classes(folder: Path, task: str, class_names: list[str]) -> None:
-    """Refuse a task whose class count differs from the one the adapter was fitted on."""
+    """Refuse a classification task whose class count differs from the one the adapter was fitted on.
+
+    Multiple-choice tasks may differ (ARC's five letters, OpenBookQA's four): that is a shift, not a mismatch.
+    """
     record: Mapping[str, Any] = read_record(folder) or {}
     fitted = record.get("num_classes")
-    if fitted is not None and fitted != len(class_names):
+    kinds = {task_kind(task), task_kind(record["task"])} if "task" in record else {task_kind(task)}
+    if fitted is not None and fitted != len(class_names) and "classification" in kinds:
         names = ", ".join(record.get("class_names", []))
         raise ValueError(
             f"the adapter in {folder} was fitted on {record.get('task')} with {fitted} classes ({names}); "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import string
 import typing
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def task_names() -> list[str]:
 def file_task(task: str) -> Optional[Path]:
     """The file of a ``csv:PATH`` / ``tsv:PATH`` / ``jsonl:PATH`` task (or a bare path with that suffix), else None."""
     prefix, sep, rest = task.partition(":")
-    if sep and prefix.lower() in FILE_TASK_PREFIXES and len(prefix) > 1:  # "C:\\..." is a Windows drive
+    if sep and prefix.lower() in FILE_TASK_PREFIXES:
         return Path(rest).expanduser()
     if Path(task).suffix.lower().lstrip(".") in (*FILE_TASK_PREFIXES, "json"):
         return Path(task).expanduser()
@@ -272,6 +273,7 @@ def _check_types(cfg: ExperimentConfig) -> None:
         elif inner is int:
             ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
         else:
+            value = os.fspath(value) if inner is str and isinstance(value, os.PathLike) else value
             ok, what = isinstance(value, inner), f"a {inner.__name__}"
         if not ok:
             raise ValueError(f"{spec.name} must be {what}, got {value!r}")

@@ -159,3 +159,17 @@ def test_a_binary_adapter_is_refused_on_the_three_class_drug_reviews(tmp_path, c
     adapter = _fake_adapter(tmp_path / "run" / "delta")
     line = refused(["evaluate", "--adapter", str(adapter), "--task", "drug_reviews"], capsys, warnings=1)
     assert "with 2 classes (negative, positive); drug_reviews has 3 (negative, neutral, positive)" in line
+
+
+def test_another_task_keeps_its_own_template_and_multiple_choice_counts_may_differ(tmp_path) -> None:
+    from pyro_blora.experiments.record import check_classes, reconcile
+
+    adapter = _fake_adapter(tmp_path / "flow", task="arc_easy", scoring="choice_likelihood", num_classes=5,
+                            template="Question: {question}\nAnswer:", class_names=list("ABCDE"))
+    warnings: list[str] = []
+    values = {"task": "drug_reviews", "template": None, "scoring": "answer_token", "max_length": 64}
+    out = reconcile(values, {"task"}, adapter, warnings.append)
+    assert out["template"] is None and out["scoring"] == "answer_token" and out["max_length"] == 48
+    check_classes(adapter, "openbookqa", list("ABCD"))  # a shift between multiple-choice tasks is allowed
+    with pytest.raises(ValueError, match="fitted on arc_easy with 5 classes"):
+        check_classes(adapter, "drug_reviews", ["negative", "neutral", "positive"])
