@@ -67,7 +67,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser, exclude: Sequence[s
         if spec.name == "methods":
             text += " Registered: " + methods_help() + "."
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
-        text = f"{text} (default: {default})".replace("%", "%%")
+        text = (text if default is None else f"{text} (default: {default})").replace("%", "%%")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
         if typing.get_origin(inner) is list:
             kwargs.update(nargs="+", type=str)

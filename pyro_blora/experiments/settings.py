@@ -49,8 +49,7 @@ def _library_field(cls: type, name: str, default: Any = dataclasses.MISSING, fac
         default, factory = spec.default, spec.default_factory
     else:
         library = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        ours = default if factory is dataclasses.MISSING else factory()
-        text = f"{text} [{cls.__name__}.{name}; default here {ours!r}, library default {library!r}]"
+        text = f"{text} [{cls.__name__}.{name}; the library's default: {library!r}]"
     metadata = {"help": text, "library": cls.__name__}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)

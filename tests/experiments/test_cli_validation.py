@@ -107,7 +107,7 @@ def test_none_is_accepted_where_the_help_offers_it(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "None: all blocks" not in text and "(none: every block, no cache)" in text
     # the library's help text, with the pipeline's own default named beside the library's
-    assert "AdamW learning rate. [TrainConfig.lr; default here 0.01, library default 0.0005]" in text
+    assert "AdamW learning rate. [TrainConfig.lr; the library's default: 0.0005] (default: 0.01)" in text
 
 
 def test_a_task_file_without_the_columns_is_refused(tmp_path, capsys) -> None:
