@@ -208,7 +208,7 @@ def fit_method(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: Opt
     return fit(
         prepared.net,
         prepared.train,
-        guide=method,
+        method=method,
         task=prepared.task,
         config=blora_config(cfg, prepared.net, method),
         guide_options=setup.options,
