@@ -218,6 +218,8 @@ def _interrupted(command: str, err: KeyboardInterrupt) -> int:
     checkpoint = getattr(err, "checkpoint", None)
     if checkpoint is not None:
         _warn(f"interrupted; checkpoint in {checkpoint}; resume with: pyro-blora {command} --resume {checkpoint}")
+    elif command in ("evaluate", "plot"):  # these write no run folder
+        _warn("interrupted")
     else:
         _warn("interrupted before any checkpoint; the folders this run created are removed")
     return 130
