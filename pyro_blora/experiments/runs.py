@@ -9,11 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from pyro_blora.training.checkpoint import LATEST_NAME
+
 __all__ = ["Interrupted", "RUN_RECORD", "cleaned_on_failure", "has_checkpoint", "remove_empty_checkpoint", "run_record"]
 
 RUN_RECORD = "experiment.json"
 """The settings of an interrupted run, in its checkpoint folder: what ``--resume`` reads back."""
-_LATEST = "latest.json"  # training.checkpoint.LATEST_NAME; the experiments wing reads it, never writes it
 
 
 class Interrupted(KeyboardInterrupt):
@@ -26,7 +27,7 @@ class Interrupted(KeyboardInterrupt):
 
 def has_checkpoint(root: Path) -> bool:
     """Whether a method under ``root`` wrote a checkpoint (an ensemble writes one per member)."""
-    return root.is_dir() and any(root.rglob(_LATEST))
+    return root.is_dir() and any(root.rglob(LATEST_NAME))
 
 
 def remove_empty_checkpoint(folder: Path, consumed: bool = False) -> None:

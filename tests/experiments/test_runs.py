@@ -85,3 +85,20 @@ def test_ctrl_c_checkpoints_and_resume_finishes_the_run(prepared, tmp_path, monk
     assert rows[0]["method"] == "delta" and (out / "delta" / "experiment.json").is_file()
     assert len(json.loads((out / "delta" / "history.json").read_text())["loss"]) == 4
     assert not root.exists()  # the checkpoint is used up once the run finished
+
+
+def test_resume_keeps_the_methods_that_finished_before_the_interruption(tmp_path, monkeypatch) -> None:
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoint"
+    (out / "delta").mkdir(parents=True)
+    (root / "flow").mkdir(parents=True)
+    row = {"method": "delta", "train_seconds": 1.0, "validation": {}, "test": {}}
+    (out / "delta" / "metrics.json").write_text(json.dumps(row))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished method was fitted again")
+
+    monkeypatch.setattr(pipeline, "fit_method", no_fit)
+    cfg = ExperimentConfig(methods=["delta", "flow"], output=str(out), resume=str(root))
+    assert pipeline.run_method(cfg, None, "delta", out) == row  # type: ignore[arg-type]
+    with pytest.raises(AssertionError, match="fitted again"):
+        pipeline.run_method(cfg, None, "flow", out)  # type: ignore[arg-type]  (its checkpoint is there: resume it)
