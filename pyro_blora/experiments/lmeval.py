@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: get_model fills an empty registry only)
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, hash_string, make_disjoint_window

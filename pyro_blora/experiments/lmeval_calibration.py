@@ -177,16 +177,16 @@ def calibrate(
     samples: Sequence[str | Path], side_file: str | Path, map_samples: Optional[Sequence[str | Path]] = None,
     map_side_file: Optional[str | Path] = None, output: Optional[str | Path] = None, n_bins: int = 15,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{task: {"bayes/acc": metrics, "bayes/acc_norm": ..., "map/acc": ...}}``; with ``output``, also
+    """``{task: {"posterior/acc": metrics, "posterior/acc_norm": ..., "map/acc": ...}}``; with ``output``, also
     ``calibration.json``, ``calibration.md`` and ``reliability_<task>.png`` there."""
     if (map_samples is None) != (map_side_file is None):
         raise ValueError("give both --map-samples and --map-side-file, or neither")
-    runs = {"bayes": (find_sample_files(samples), read_side_file(side_file))}
+    runs = {"posterior": (find_sample_files(samples), read_side_file(side_file))}
     if map_samples is not None:
         runs["map"] = (find_sample_files(map_samples), read_side_file(map_side_file))
     table: dict[str, dict[str, dict[str, float]]] = {}
     curves: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-    for task in runs["bayes"][0]:
+    for task in runs["posterior"][0]:
         table[task], curves[task] = {}, {}
         for run, (files, side) in runs.items():
             if task not in files:

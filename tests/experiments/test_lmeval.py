@@ -95,6 +95,13 @@ def test_rolling_loglikelihood_is_the_token_sum(tiny_llama, smollm2_tokenizer, o
     assert len(tokens) > 7 and math.isfinite(windowed) and windowed != pytest.approx(direct, abs=1e-4)
 
 
+def test_registered_beside_lm_evals_own_models() -> None:
+    from lm_eval.api.registry import get_model
+
+    assert get_model("pyro_blora") is PosteriorLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours must not hide the built-in ones
+
+
 def test_generation_is_refused_and_bad_args_are_named(tiny_llama, smollm2_tokenizer) -> None:
     lm = PosteriorLM(net=tiny_llama, tokenizer=smollm2_tokenizer, device="cpu")
     with pytest.raises(NotImplementedError, match="log-likelihoods only"):

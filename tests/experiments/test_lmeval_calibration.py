@@ -49,7 +49,7 @@ def test_calibration_metrics_equal_ours_on_a_synthetic_log(tmp_path) -> None:
             scores = loglik / lengths if normalize else loglik
             probs[n, : scores.shape[1]] = torch.softmax(scores, -1).mean(0)
         labels = torch.tensor([label for *_, label in truth])
-        row = table["toy"][f"bayes/{variant}"]
+        row = table["toy"][f"posterior/{variant}"]
         assert row["ece"] == pytest.approx(expected_calibration_error(probs, labels, 10), abs=1e-12)
         for key, value in classification_metrics(probs, labels, n_bins=10).items():
             assert row[key] == pytest.approx(value, abs=1e-12), key
@@ -97,7 +97,7 @@ def test_lm_eval_cli_end_to_end_on_a_tiny_model(tiny_llama, smollm2_tokenizer, o
     side = [json.loads(line) for line in (out / "side.jsonl").read_text().splitlines()]
     assert len(side) >= 9 and all(len(r["sample_loglikelihoods"]) == 2 for r in side)
     table = cal.main(["--samples", str(out), "--side-file", str(out / "side.jsonl"), "--output", str(out / "cal")])
-    assert table["arc_easy_local"]["bayes/acc"]["num_docs"] == 3
+    assert table["arc_easy_local"]["posterior/acc"]["num_docs"] == 3
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["arc_easy_local"]
-    assert table["arc_easy_local"]["bayes/acc"]["acc"] == pytest.approx(results["acc,none"])
+    assert table["arc_easy_local"]["posterior/acc"]["acc"] == pytest.approx(results["acc,none"])
     assert (out / "cal" / "reliability_arc_easy_local.png").is_file()
