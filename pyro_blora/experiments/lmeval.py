@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -304,10 +303,10 @@ def _load(pretrained: Optional[str], adapter: Optional[str], result: Any, net: A
 
 
 def default_data_root() -> Path:
-    """``$PYRO_BLORA_DATA``, else ``../shared/data`` beside the project root (see /work/shared/data/README.md)."""
-    if os.environ.get("PYRO_BLORA_DATA"):
-        return Path(os.environ["PYRO_BLORA_DATA"]).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """The benchmark data folder as the rest of pyro_blora finds it: ``$PYRO_BLORA_DATA_DIR``, else ``../shared/data``."""
+    from pyro_blora.tasks.benchmarks import resolve_data_dir
+
+    return resolve_data_dir(None)
 
 
 def local_task_dir(data_root: Optional[Path] = None, destination: Optional[Path] = None) -> Path:
