@@ -110,14 +110,12 @@ class PosteriorLM(TemplateLM):
                 f"adapter of type {type(self.result).__name__} has no weight posterior to draw from; "
                 "the harness model takes Bayesian-LoRA / MAP adapters (FitResult)"
             )
-        if posterior_mean:
-            weights = {k: v.unsqueeze(0) for k, v in self.result.guide.mean_weights().items()}
-        else:
-            if self.result.is_deterministic:
-                num_samples = 1
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                weights = self.result.sample_weights(num_samples)
+        with torch.random.fork_rng(devices=[]):  # seeded, leaving the caller's RNG as it was
+            torch.manual_seed(seed)
+            if posterior_mean:  # a flow's E_q[W] is a Monte Carlo mean, hence seeded too
+                weights = {k: v.unsqueeze(0) for k, v in self.result.guide.mean_weights().items()}
+            else:
+                weights = self.result.sample_weights(1 if self.result.is_deterministic else num_samples)
         return self.set_draws(weights)
 
     def set_draws(self, weights: dict[str, Tensor]) -> int:

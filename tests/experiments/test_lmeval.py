@@ -76,6 +76,11 @@ def test_stacked_samples_average_single_sample_runs(tiny_llama, smollm2_tokenize
     assert not torch.allclose(per_sample[0], per_sample[1])  # the draws differ
     expected = torch.logsumexp(per_sample, 0) - math.log(4)
     assert stacked == pytest.approx(expected.tolist(), abs=1e-5)
+    # the MAP row: one sample at E_q[W]
+    mean = PosteriorLM(result=result, tokenizer=smollm2_tokenizer, num_samples=4, posterior_mean=True, device="cpu")
+    assert mean.num_samples == 1
+    for key, value in result.guide.mean_weights().items():
+        torch.testing.assert_close(mean.weights[key][0], value)
 
 
 def test_rolling_loglikelihood_is_the_token_sum(tiny_llama, smollm2_tokenizer, one_thread) -> None:
