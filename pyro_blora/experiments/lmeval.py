@@ -110,7 +110,8 @@ class PosteriorLM(TemplateLM):
                 f"adapter of type {type(self.result).__name__} has no weight posterior to draw from; "
                 "the harness model takes Bayesian-LoRA / MAP adapters (FitResult)"
             )
-        with torch.random.fork_rng(devices=[]):  # seeded, leaving the caller's RNG as it was
+        cuda = sorted({p.device.index or 0 for p in self.result.guide.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):  # seeded, leaving the caller's RNG as it was
             torch.manual_seed(seed)
             if posterior_mean:  # a flow's E_q[W] is a Monte Carlo mean, hence seeded too
                 weights = {k: v.unsqueeze(0) for k, v in self.result.guide.mean_weights().items()}
