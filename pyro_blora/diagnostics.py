@@ -10,16 +10,18 @@ How to read the numbers (all are ratios of mean row norms over the batch's rows,
 tokens included; "adapter output" is ``(alpha / r) B A x``, "base output" ``W0 x``):
 
 * ``mean_ratio``: adapter output / base output with the posterior-mean factors.
-  Below ``inert_threshold`` (1e-3) the module leaves its base unchanged.
+  Below ``inert_threshold`` (1e-3) the fit leaves the module's base unchanged:
+  the module is *inert*.
 * ``sample_ratio``: the same, averaged over posterior samples (a wide posterior
   around zero has a small ``mean_ratio`` but not a small ``sample_ratio``).
 * ``spread``: the posterior samples' standard deviation of the adapter output,
   relative to the samples' mean adapter output. Below ``spread_threshold``
-  (1e-2) every sample adds the same thing: the posterior is a point in disguise.
+  (1e-2) every sample adds the same thing: the posterior is *collapsed*, a
+  point in disguise.
 * ``spread_to_base``: that standard deviation relative to the base output:
-  how much the posterior moves the layer's output at all. Below ``inert_threshold``
-  the module's posterior is collapsed too, however large ``spread`` is (a tiny
-  adapter output makes any noise look large next to it).
+  how much the posterior moves the layer's output at all. For an inert module
+  this, not ``spread``, is held against ``spread_threshold`` (next to a tiny
+  adapter output any noise looks large).
 * per factor (``A``, ``B``): ``u_mean_rms``, the root mean square of ``E_q[U_w]``;
   ``u_sd``, the guide's standard deviation of ``U_w`` measured from draws (root
   mean square over the coordinates; for a flow this is the output, not the base,
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 from pyro_blora.metrics import uncertainty_decomposition
 from pyro_blora.result import make_loader
 
-__all__ = ["Diagnostics", "Flag", "Row", "diagnose"]
+__all__ = ["Diagnostics", "Flag", "Row", "diagnose", "supports"]
 
 INERT_THRESHOLD = 1e-3
 SPREAD_THRESHOLD = 1e-2
@@ -145,10 +147,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def supports(result: Any) -> bool:
+    """Whether :func:`diagnose` can read ``result``: Bayesian-LoRA layers (``model.layers``) and a guide with sites."""
+    layers = getattr(getattr(result, "model", None), "layers", None)
+    return bool(layers) and getattr(getattr(result, "guide", None), "sites", None) is not None
+
+
 def _layers(result: Any) -> list[nn.Module]:
-    model = getattr(result, "model", None)
-    layers = getattr(model, "layers", None)
-    if not layers or getattr(getattr(result, "guide", None), "sites", None) is None:
+    layers = getattr(getattr(result, "model", None), "layers", None)
+    if not supports(result):
         raise TypeError(
             f"diagnose needs a Bayesian-LoRA result (model.layers and a guide with sites), got {type(result).__name__}"
         )
@@ -277,17 +284,19 @@ def _flags(diag: Diagnostics, inert: float, spread: float, mi: float) -> list[Fl
     for r in modules.values():
         if not r.bayesian:
             continue
-        if max(r.mean_ratio, r.sample_ratio) < inert:
+        dormant = r.mean_ratio < inert
+        if dormant:
             where = (f"while plain module(s) {', '.join(repr(c.module) for c in carriers)} carry the fit "
                      f"(adapter/base {', '.join(_num(c.mean_ratio) for c in carriers)})" if carriers
                      else "and no adapter of the network carries any fit")
             flags.append(Flag("inert", f"Bayesian module {r.module!r} adds {_num(r.mean_ratio)} of its base output "
                                        f"(samples: {_num(r.sample_ratio)}; threshold {inert:g}) {where}: "
                                        "its posterior has nothing to do", r.module))
-        if not diag.deterministic and (r.spread < spread or r.spread_to_base < inert):
+        # next to an inert adapter output any noise looks large: the base output is the yardstick then
+        measured, against = (r.spread_to_base, "base") if dormant else (r.spread, "adapter")
+        if not diag.deterministic and measured < spread:
             flags.append(Flag("collapsed", f"the posterior samples of module {r.module!r} differ by "
-                                           f"{_num(r.spread)} of its adapter output (threshold {spread:g}) and by "
-                                           f"{_num(r.spread_to_base)} of its base output (threshold {inert:g}): "
+                                           f"{_num(measured)} of its {against} output (threshold {spread:g}): "
                                            "q is close to a point mass there", r.module))
     if diag.deterministic:
         flags.append(Flag("point_mass", "the guide is a point mass (MAP, delta): every sample is the posterior mean, "
