@@ -23,6 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from pyro_blora.experiments import inspect as inspect_command
 from pyro_blora.experiments.settings import ExperimentConfig
 
 __all__ = ["main", "build_parser", "experiment_config", "gather_options"]
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation", choices=["train", "validation", "test"], help="zero-shot: the split to score")
     _add_experiment_options(evaluate, exclude=_NOT_FOR_EVALUATE)
     plot.add_argument("--output", type=Path, required=True, help="the run folder to plot")
+    inspect_command.add_parser(commands)
     return parser
 
 
@@ -197,6 +199,8 @@ def _fit_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        return inspect_command.run(args)
     if args.command == "plot":
         from pyro_blora.experiments.report import write_plots
 
