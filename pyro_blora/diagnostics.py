@@ -114,8 +114,7 @@ class Diagnostics:
         header = ["module", "factor", "adapter/base", "sampled/base", "spread", "spread/base",
                   "U mean rms", "U sd", "base sd", "sd cap", "lambda"]
         lines = [[r.module, r.factor, *(_num(v) for v in (
-            r.mean_ratio, r.sample_ratio, r.spread if r.bayesian else None, r.spread_to_base if r.bayesian else None,
-            r.u_mean_rms, r.u_sd, r.base_sd, r.sd_cap, r.lam))] for r in self.rows]
+            r.mean_ratio, r.sample_ratio, r.spread, r.spread_to_base, r.u_mean_rms, r.u_sd, r.base_sd, r.sd_cap, r.lam))] for r in self.rows]
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         table = [" ".join(h.ljust(w) for h, w in zip(header, widths))]
         table.append(" ".join("-" * w for w in widths))

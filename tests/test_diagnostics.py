@@ -103,6 +103,14 @@ def test_a_map_result_is_named_a_point_mass_and_the_callers_rng_is_left_alone(da
     assert all(r.lam == 0.0 and r.base_sd is None for r in found.rows)
 
 
+def test_a_blob_result_is_read_too_its_layers_without_inducing_factors(data: list) -> None:
+    result = pyro_blora.fit(make_net(), data, "blob", config=make_config(), num_steps=2, batch_size=8, progress=False)
+    found = diagnose(result, data, num_samples=4)
+    assert [(r.module, r.factor, r.u_sd) for r in found.rows] == [("0", "-", None), ("2", "-", None)]
+    assert all(r.spread > 0 for r in found.rows)  # BLoB's A is random: the samples move the output
+    assert found.family == "blob" and not found.deterministic
+
+
 def test_to_dict_is_json_and_format_is_a_table(live: Any, dead: Any, data: list) -> None:
     found = diagnose(dead, data, num_samples=4)
     loaded = json.loads(found.to_json())
@@ -147,3 +155,15 @@ def test_inspect_refuses_bad_numbers_and_a_result_without_a_guide(tmp_path: Path
     monkeypatch.setattr(inspect_command, "LOADER", lambda folder, split, n: (object(), []))
     assert cli.main(["inspect", str(tmp_path)]) == 2
     assert "not a Bayesian-LoRA posterior" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_inspect_reads_an_adapter_saved_by_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = ["--train-size", "12", "--validation-size", "6", "--test-size", "6", "--num-steps", "2",
+            "--trainable-layers", "1", "--max-length", "48", "--num-samples", "2", "--batch-size", "4"]
+    assert cli.main(["compare", *tiny, "--methods", "flow", "--output", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    folder = tmp_path / "run" / "flow"
+    assert cli.main(["inspect", str(folder), "--num-examples", "4", "--num-samples", "2", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("module") and "4 examples" in out and "q_proj" in out
