@@ -167,24 +167,58 @@ def _repeat(batch: dict[str, Any], times: int) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-@torch.no_grad()
-def _layer_outputs(result: Any, batch: dict[str, Any], weights: dict[str, Tensor], samples: int) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per layer name: ``(delta, base)`` of the batch's forward with ``weights`` (``samples`` stacked copies).
+@dataclass
+class _LayerPass:
+    """One layer in one forward of ``S`` stacked samples: mean row norms (floats), never the outputs themselves."""
 
-    Both come back as ``(samples, rows, d_out)`` in float32; ``delta`` is the layer's
-    output minus its base's, i.e. exactly what the adapter adds.
+    delta: list[float]
+    """Per sample: the adapter output's mean row norm."""
+    base: list[float]
+    """Per sample: the base output's mean row norm."""
+    mean_delta: float
+    """The mean row norm of the adapter output averaged over the samples."""
+    spread: float
+    """The mean row norm of the adapter output's standard deviation over the samples (0 for one sample)."""
+
+
+def _row_norm(x: Tensor) -> float:
+    """Mean over rows of the Euclidean norm along the last dimension."""
+    return float(x.norm(dim=-1).mean())
+
+
+def _summarise(total: Tensor, base: Tensor, samples: int) -> _LayerPass:
+    width = total.shape[-1]
+    base = base.detach().float().reshape(samples, -1, width)
+    delta = total.detach().float().reshape(samples, -1, width) - base
+    spread = _row_norm(delta.std(0, unbiased=False)) if samples > 1 else 0.0
+    return _LayerPass([_row_norm(d) for d in delta], [_row_norm(b) for b in base], _row_norm(delta.mean(0)), spread)
+
+
+@torch.no_grad()
+def _layer_passes(result: Any, batch: dict[str, Any], weights: dict[str, Tensor], samples: int) -> dict[str, _LayerPass]:
+    """Per layer name: the norms of one forward of the batch with ``weights`` (``samples`` stacked copies).
+
+    The adapter output is the layer's output minus its base's (forward hooks on
+    both), i.e. exactly what the adapter adds; each layer is summarised as soon
+    as it has run, so no activations are kept.
     """
-    captured: dict[str, dict[str, Tensor]] = {}
+    base_out: dict[str, Tensor] = {}
+    passes: dict[str, _LayerPass] = {}
     handles = []
 
-    def hook(name: str, part: str) -> Callable[..., None]:
+    def on_base(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Tensor) -> None:
-            captured.setdefault(name, {})[part] = output.detach().float()
+            base_out[name] = output
+        return record
+
+    def on_layer(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Tensor) -> None:
+            passes[name] = _summarise(output, base_out.pop(name), samples)
         return record
 
     for layer in _layers(result):
-        handles.append(layer.base.register_forward_hook(hook(layer.layer_name, "base")))
-        handles.append(layer.register_forward_hook(hook(layer.layer_name, "out")))
+        handles.append(layer.base.register_forward_hook(on_base(layer.layer_name)))
+        handles.append(layer.register_forward_hook(on_layer(layer.layer_name)))
     net = result.net
     was_training = net.training
     net.eval()
@@ -195,17 +229,7 @@ def _layer_outputs(result: Any, batch: dict[str, Any], weights: dict[str, Tensor
         net.train(was_training)
         for handle in handles:
             handle.remove()
-    out = {}
-    for name, parts in captured.items():
-        base, total = parts["base"], parts["out"]
-        width = total.shape[-1]
-        out[name] = ((total - base).reshape(samples, -1, width), base.reshape(samples, -1, width))
-    return out
-
-
-def _row_norm(x: Tensor) -> float:
-    """Mean over rows of the Euclidean norm along the last dimension."""
-    return float(x.norm(dim=-1).mean())
+    return passes
 
 
 def _ratio(top: float, bottom: float) -> float:
@@ -214,18 +238,20 @@ def _ratio(top: float, bottom: float) -> float:
     return 0.0 if top == 0 else math.inf
 
 
-def _module_numbers(mean_out: tuple[Tensor, Tensor], sampled: tuple[Tensor, Tensor]) -> dict[str, float]:
-    """``mean_ratio``, ``sample_ratio``, ``spread`` and ``spread_to_base`` of one layer (see the module docstring)."""
-    delta, base = mean_out
-    base_norm = _row_norm(base[0])
-    deltas, sample_base = sampled
-    per_sample = [_ratio(_row_norm(d), _row_norm(b)) for d, b in zip(deltas, sample_base)]
-    spread = _row_norm(deltas.std(0, unbiased=False)) if deltas.shape[0] > 1 else 0.0
+def _module_numbers(at_mean: Optional[_LayerPass], sampled: Optional[_LayerPass]) -> dict[str, float]:
+    """``mean_ratio``, ``sample_ratio``, ``spread`` and ``spread_to_base`` of one layer (see the module docstring).
+
+    NaN for a layer the forward did not run through.
+    """
+    if at_mean is None or sampled is None:
+        return dict.fromkeys(("mean_ratio", "sample_ratio", "spread", "spread_to_base"), math.nan)
+    base = at_mean.base[0]
+    per_sample = [_ratio(d, b) for d, b in zip(sampled.delta, sampled.base)]
     return {
-        "mean_ratio": _ratio(_row_norm(delta[0]), base_norm),
+        "mean_ratio": _ratio(at_mean.delta[0], base),
         "sample_ratio": sum(per_sample) / len(per_sample),
-        "spread": _ratio(spread, _row_norm(deltas.mean(0))),
-        "spread_to_base": _ratio(spread, base_norm),
+        "spread": _ratio(sampled.spread, sampled.mean_delta),
+        "spread_to_base": _ratio(sampled.spread, base),
     }
 
 
@@ -251,21 +277,23 @@ def _factor_numbers(family: nn.Module, u_samples: int) -> dict[str, Optional[flo
 
 
 def _first_batch(result: Any, data: Any, batch_size: int) -> dict[str, Any]:
+    """The first ``batch_size`` examples of ``data``, collated by the result's task."""
     return next(iter(make_loader(data, result.task, batch_size, shuffle=False)))
 
 
 def _rows(result: Any, data: Any, num_samples: int, batch_size: int, u_samples: int) -> list[Row]:
+    """The table's rows: the layers' numbers on the first batch, with the posterior mean and with samples."""
     batch = _first_batch(result, data, batch_size)
     samples = 1 if result.is_deterministic else num_samples
     devices = sorted({p.device.index or 0 for p in result.net.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
         torch.manual_seed(0)
-        at_mean = _layer_outputs(result, batch, result.guide.mean_weights(), 1)
+        at_mean = _layer_passes(result, batch, result.guide.mean_weights(), 1)
         draw = getattr(result, "sample_weights", None) or result.guide.sample_weights
-        sampled = _layer_outputs(result, batch, draw(samples), samples)
+        sampled = _layer_passes(result, batch, draw(samples), samples)
         rows = []
         for layer in _layers(result):
-            numbers = _module_numbers(at_mean[layer.layer_name], sampled[layer.layer_name])
+            numbers = _module_numbers(at_mean.get(layer.layer_name), sampled.get(layer.layer_name))
             if not layer.bayesian:
                 rows.append(Row(layer.layer_name, "-", False, **numbers))
                 continue
