@@ -4,11 +4,12 @@
 * :mod:`.ensemble`: k MAP adapters on one frozen base;
 * :mod:`.temperature`: post-hoc temperature scaling on validation data;
 * :mod:`.blob`: BLoB (mean-field Gaussian A, Flipout, B a point estimate);
-* :mod:`.laplace`: last-layer Laplace on the answer head.
+* :mod:`.laplace`: last-layer Laplace on the answer head;
+* :mod:`.tfb`: training-free Bayesianization of a MAP adapter (Shi et al. 2025).
 
 Importing this package registers them all.
 """
 
-from pyro_blora.baselines import blob, ensemble, laplace, mc_dropout, temperature
+from pyro_blora.baselines import blob, ensemble, laplace, mc_dropout, temperature, tfb
 
-__all__ = ["blob", "ensemble", "laplace", "mc_dropout", "temperature"]
+__all__ = ["blob", "ensemble", "laplace", "mc_dropout", "temperature", "tfb"]
