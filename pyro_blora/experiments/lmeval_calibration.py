@@ -235,6 +235,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.exit(2, f"error: {err}\n")
     for task, rows in table.items():
         for name, m in rows.items():
-            print(f"{task:<20} {name:<16} S={m['num_samples']:<3} acc={m['acc']:.4f} ece={m['ece']:.4f} "
+            print(f"{task:<20} {name:<18} S={m['num_samples']:<3} acc={m['acc']:.4f} ece={m['ece']:.4f} "
                   f"mce={m['mce']:.4f} nll={m['nll']:.4f} brier={m['brier']:.4f}")
     return table
