@@ -91,6 +91,16 @@ def test_mc_is_seeded_and_save_load(fitted, tmp_path) -> None:
     torch.testing.assert_close(loaded.functional_variance(test), result.functional_variance(test), atol=1e-7, rtol=1e-5)
 
 
+def test_a_masked_choice_stays_impossible(fitted) -> None:
+    result, _, _ = fitted
+    two = [{"question": "Which one is red?", "choices": ["grass", "blood"], "label": 1}] + mc_data(2)
+    for link in ("probit", "mc"):
+        result.link_approx = link
+        prediction = result.predict(two, num_samples=5)
+        assert bool((prediction.sample_probs[:, 0, 2] == 0).all()) and bool(torch.isfinite(prediction.sample_probs).all())
+        torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(3))
+
+
 def test_val_nll_tuning_and_bad_options(fitted) -> None:
     result, _, _ = fitted
     val = mc_data(6, offset=12)

@@ -118,12 +118,25 @@ class LaplaceLoRAResult(WrappedPosterior):
                 if self.link_approx == "probit":
                     p = self.la(batch, pred_type="glm", link_approx="probit")[None]
                 else:
-                    p = self.la.predictive_samples(batch, pred_type="glm", n_samples=num_samples, generator=generator)
+                    p = self._mc_probs(batch, num_samples, generator)
                 probs.append(p.detach().float().cpu())
                 if "labels" in batch:
                     labels.append(torch.as_tensor(batch["labels"]).cpu())
         sample_probs = torch.cat(probs, dim=1)
         return Prediction(sample_probs.mean(0), sample_probs, torch.cat(labels) if labels else None)
+
+    def _mc_probs(self, batch: Any, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``softmax(f_mu + R z)`` with ``R R^T = J Sigma J^T`` from a clamped eigendecomposition.
+
+        laplace-torch's ``predictive_samples`` takes a Cholesky factor of ``J Sigma J^T``, which fails
+        ("linalg.cholesky: ... not positive-definite") when a masked choice has zero variance; this root does not.
+        """
+        f_mu, f_var = self.la._glm_predictive_distribution(batch)
+        values, vectors = torch.linalg.eigh(f_var.detach().double())
+        root = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
+        z = torch.randn((num_samples, *f_mu.shape), generator=generator, dtype=torch.float64, device=f_mu.device)
+        f = f_mu.detach().double() + torch.einsum("bij,sbj->sbi", root, z)
+        return torch.softmax(f, dim=-1)
 
     def functional_variance(self, data: Any, batch_size: int = 8) -> Tensor:
         """``(N, C)`` diagonal of ``J Sigma J^T``, the GLM predictive's logit variance."""
