@@ -33,6 +33,7 @@ __all__ = [
     "uncertainty_histograms",
     "risk_coverage_curve",
     "posterior_marginals",
+    "choose_examples",
 ]
 
 _PRETTY = {
@@ -47,6 +48,44 @@ _PRETTY = {
     "expected_entropy": "expected entropy (aleatoric)",
     "mutual_information": "mutual information (epistemic)",
 }
+
+
+_PRIOR_LABEL = "prior N(0, {sd:g}²)"
+
+
+def choose_examples(sample_probs: ArrayLike, labels: ArrayLike, k: int = 6) -> list[int]:
+    """Examples that tell the story: the most uncertain, the wrong ones, and one confident right one.
+
+    Ranked by mutual information (epistemic) and by predictive entropy (total):
+    about half the ``k`` slots go to the most uncertain, the rest to wrong
+    predictions (most confident first), and the last to the most confident
+    correct one, so a reader sees both what the posterior doubts and what it gets.
+    """
+    s = torch.as_tensor(_np(sample_probs, "sample_probs"))
+    y = torch.as_tensor(_np(labels, "labels")).long().reshape(-1)
+    if s.ndim != 3 or s.shape[1] != y.shape[0] or k < 1:
+        raise ValueError(f"need (S, N, C) sample_probs, (N,) labels and k >= 1; got {tuple(s.shape)}, {tuple(y.shape)}, {k}")
+    parts = metrics.uncertainty_decomposition(s)
+    mean = s.mean(0)
+    conf, pred = mean.max(-1)
+    # rank by MI, ties (one-sample posteriors have MI 0) by total entropy
+    uncertainty = parts["mutual_information"] + 1e-6 * parts["predictive_entropy"]
+    chosen: list[int] = []
+
+    def take(order: list[int], limit: int) -> None:
+        for i in order:
+            if len(chosen) >= limit:
+                return
+            if i not in chosen:
+                chosen.append(i)
+
+    right = [i for i in conf.argsort(descending=True).tolist() if pred[i] == y[i]]
+    budget = k - 1 if right else k
+    take(uncertainty.argsort(descending=True).tolist(), max(1, budget // 2))
+    take([i for i in conf.argsort(descending=True).tolist() if pred[i] != y[i]], budget)
+    take(uncertainty.argsort(descending=True).tolist(), budget)
+    take(right, k)
+    return chosen
 
 
 def _np(x: ArrayLike, name: str) -> np.ndarray:
@@ -64,6 +103,11 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
+
+
+def _caption(fig: Figure, text: str) -> None:
+    """A grey subtitle saying how to read the figure: a new user should not need the docs."""
+    fig.suptitle(text, fontsize=8.5, color="0.3")
 
 
 def _grid(fig: Figure, k: int, max_cols: int) -> list:
@@ -134,6 +178,8 @@ def reliability_diagram(
         if j == 0:
             axh.set_ylabel("fraction of\nexamples")
             axh.legend(loc="upper left", fontsize=7, framealpha=0.9)
+    _caption(fig, "How to read: bars on the dashed diagonal are calibrated; red above a bar is over-confidence. "
+                  "Lower ECE is better.")
     return _finish(fig, path)
 
 
@@ -216,6 +262,8 @@ def posterior_predictive(
         ],
         loc="outside lower center", ncols=4, fontsize=8, frameon=False,
     )
+    _caption(fig, "How to read: green bar = gold class; scattered dots / wide intervals = the posterior disagrees "
+                  "(epistemic); a flat mean with tight dots = the input is ambiguous (aleatoric).")
     return _finish(fig, path)
 
 
@@ -224,20 +272,76 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(y, kernel, mode="valid")
 
 
-def training_curves(history: Mapping[str, Sequence[float]], path: str | Path | None = None) -> Figure:
-    """One panel per logged quantity (``elbo``, ``nll``, ``kl``, ...) against ``step``.
+def _num_data(history: Mapping[str, Sequence[float]]) -> float | None:
+    """The training-set size ``N`` behind ``loss = N * nll + beta * kl``, read back from the history."""
+    try:
+        loss, nll, kl, beta = (_np(history[k], k).reshape(-1) for k in ("loss", "nll", "kl", "beta"))
+    except KeyError:
+        return None
+    if not loss.shape == nll.shape == kl.shape == beta.shape:
+        return None
+    ok = np.isfinite(loss) & np.isfinite(kl) & np.isfinite(beta) & (nll > 0)
+    return float(np.median((loss[ok] - beta[ok] * kl[ok]) / nll[ok])) if ok.any() else None
 
-    Curves are plotted against ``history["step"]`` when present and of the same
-    length, otherwise against their record index. Long, noisy stochastic-VI
-    curves get a moving average on top of the faint raw trace.
+
+def _readable_curves(history: Mapping[str, Sequence[float]], has_posterior: bool | None,
+                     num_data: float | None) -> dict[str, tuple[str, np.ndarray]]:
+    """``{key: (panel title, values)}``: per-example NLL, a KL per example that shows its change, the rest.
+
+    A flow's conditional KL carries a large constant (~1e6) that swamps the
+    ELBO and flattens the raw KL panel, so: no ELBO/loss panel when the NLL is
+    logged, the KL divided by ``N`` and shown as its change from the first step
+    (the constant goes in the title), and no KL at all without a posterior (MAP).
     """
-    keys = [key for key in history if key != "step"]
-    if not keys:
-        raise ValueError("history has no curves to plot; expected keys like 'elbo', 'nll', 'kl'")
+    skip = {"step", "lr", "elbo", "loss", "nll", "kl", "beta"}
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    if "nll" in history:
+        out["nll"] = ("NLL per training example (lower is better)", _np(history["nll"], "history['nll']").reshape(-1))
+    else:
+        skip -= {"elbo", "loss"}
+    kl = _np(history["kl"], "history['kl']").reshape(-1) if "kl" in history else np.array([])
+    finite = kl[np.isfinite(kl)]
+    live = has_posterior if has_posterior is not None else bool(finite.size and np.abs(finite).max() > 0)
+    if live and finite.size:
+        n = num_data or 1.0
+        per = kl / n
+        start = float(per[np.isfinite(per)][0])
+        what = "per training example" if num_data else "(N unknown)"
+        out["kl"] = (f"KL(q || p) {what}\nminus its start value {start:.4g}", per - start)
+    beta = _np(history.get("beta", []), "history['beta']").reshape(-1)
+    if live and beta.size and np.ptp(beta) > 0:  # a constant KL weight says nothing
+        out["beta"] = ("KL weight β (annealing)", beta)
+    for key in history:
+        if key not in skip:
+            out[key] = (_PRETTY.get(key, key), _np(history[key], f"history[{key!r}]").reshape(-1))
+    return out
+
+
+def training_curves(history: Mapping[str, Sequence[float]], path: str | Path | None = None,
+                    has_posterior: bool | None = None, num_data: float | None = None) -> Figure:
+    """Readable training curves from a fit history (``result.history`` or a saved ``history.json``).
+
+    Panels: the per-example NLL, the KL per training example as its change
+    from the first step (see :func:`_readable_curves` for why), the KL weight
+    when it is annealed, and any other logged key. Curves are plotted against
+    ``history["step"]`` when of the same length, otherwise against their record
+    index; long noisy curves get a moving average on a faint raw trace.
+
+    Args:
+        history: ``{"step", "nll", "kl", "loss", "beta", ...: values}``.
+        path: where to save the PNG, if anywhere.
+        has_posterior: ``False`` for MAP / delta (no q, so no KL panel); ``None``
+            decides from the history (a KL that is all NaN or zero means no q).
+        num_data: training-set size ``N``; ``None`` reads it back from ``loss``,
+            ``nll``, ``kl`` and ``beta``.
+    """
+    curves = _readable_curves(history, has_posterior, num_data if num_data is not None else _num_data(history))
+    if not curves:
+        raise ValueError("history has no curves to plot; expected keys like 'nll', 'kl', 'loss'")
     steps = _np(history["step"], "history['step']").reshape(-1) if "step" in history else None
-    fig = Figure(figsize=(3.6 * min(len(keys), 3), 2.9 * math.ceil(len(keys) / 3)), layout="constrained")
-    for j, (ax, key) in enumerate(zip(_grid(fig, len(keys), 3), keys)):
-        y = _np(history[key], f"history[{key!r}]").reshape(-1)
+    k = len(curves)
+    fig = Figure(figsize=(3.8 * min(k, 3), 3.1 * math.ceil(k / 3) + 0.4), layout="constrained")
+    for j, (ax, (key, (label, y))) in enumerate(zip(_grid(fig, k, 3), curves.items())):
         aligned = steps is not None and steps.shape[0] == y.shape[0]
         x = steps if aligned else np.arange(y.shape[0])
         color = f"C{j % 10}"
@@ -248,9 +352,12 @@ def training_curves(history: Mapping[str, Sequence[float]], path: str | Path | N
             ax.legend(fontsize=7, framealpha=0.9)
         else:
             ax.plot(x, y, color=color, lw=1.5, marker="o", markersize=3)
-        label = _PRETTY.get(key, key)
-        ax.set(title=label, xlabel="step" if aligned else "record", ylabel=label)
+        ax.set(title=label, xlabel="step" if aligned else "record", ylabel=_PRETTY.get(key, key))
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.25)
+    _caption(fig, "How to read: the NLL should fall and level off; the KL change shows q moving away from "
+                  "the prior (rising) or back (falling)." if "kl" in curves else
+                  "How to read: the NLL should fall and level off (no KL: this method has no posterior q).")
     return _finish(fig, path)
 
 
@@ -298,11 +405,11 @@ def risk_coverage_curve(
     results: Mapping[str, tuple[ArrayLike, ArrayLike]],
     path: str | Path | None = None,
 ) -> Figure:
-    """Accuracy on the most confident fraction of examples, one line per method.
+    """Risk (error rate) on the most confident fraction of examples, one line per method.
 
-    A well-ranked model's curve starts high and falls slowly as coverage grows;
-    the legend gives each method's area under the risk-coverage curve (AURC,
-    lower is better), see :func:`metrics.risk_coverage`.
+    A well-ranked model's curve starts low and rises slowly as coverage grows:
+    lower is better, and the legend gives each method's area under the
+    risk-coverage curve (AURC, lower is better), see :func:`metrics.risk_coverage`.
     """
     _require_results(results)
     fig = Figure(figsize=(5.2, 3.8), layout="constrained")
@@ -310,12 +417,15 @@ def risk_coverage_curve(
     for j, (name, (probs, labels)) in enumerate(results.items()):
         rc = metrics.risk_coverage(probs, labels)
         aurc = metrics.area_under_risk_coverage(probs, labels)
-        ax.plot(rc["coverage"].numpy(), rc["accuracy"].numpy(), color=f"C{j % 10}", lw=1.8,
+        # plot the risk (1 - accuracy) so the curve and its area, AURC, read the same way: lower is better
+        ax.plot(rc["coverage"].numpy(), 1.0 - rc["accuracy"].numpy(), color=f"C{j % 10}", lw=1.8,
                 label=f"{name} (AURC = {aurc:.3f})")
-    ax.set(xlim=(0, 1), xlabel="coverage (fraction of examples kept)", ylabel="accuracy on kept examples",
-           title="Selective prediction: accuracy vs coverage")
+    ax.set(xlim=(0, 1), xlabel="coverage (fraction of examples kept, most confident first)",
+           ylabel="risk: error rate on kept examples (lower is better)",
+           title="Selective prediction: risk vs coverage (lower is better)")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8, framealpha=0.9)
+    _caption(fig, "How to read: a curve that stays low while coverage grows ranks its own errors as least confident.")
     return _finish(fig, path)
 
 
@@ -336,6 +446,8 @@ def posterior_marginals(
     dims: Sequence[int] = (0, 1, 2, 3),
     path: str | Path | None = None,
     bins: int = 40,
+    layer: str | None = None,
+    prior_sd: float | None = 1.0,
 ) -> Figure:
     """Marginals of chosen coordinates of posterior samples, one panel per coordinate.
 
@@ -343,6 +455,11 @@ def posterior_marginals(
     inducing weights ``U``) are drawn as a shaded density histogram on bins shared
     across guides plus a Gaussian KDE line, so mean-field, low-rank and flow
     guides can be compared for location, spread and skew/multimodality.
+
+    Args:
+        layer: the module the samples belong to, named in the title.
+        prior_sd: overlay the prior ``N(0, prior_sd^2)`` as a dashed black line
+            (the whitened prior of ``U_w`` is ``N(0, 1)``); ``None`` for none.
     """
     if not samples:
         raise ValueError("samples is empty; pass {guide name: (S, D) samples}")
@@ -373,12 +490,21 @@ def posterior_marginals(
                 continue
             ax.hist(x, bins=edges, density=True, histtype="stepfilled", alpha=0.25, color=color)
             ax.plot(grid, density, color=color, lw=1.8)
+        if prior_sd is not None:
+            z = grid / prior_sd
+            ax.plot(grid, np.exp(-0.5 * z**2) / (prior_sd * math.sqrt(2 * math.pi)), color="black", ls="--",
+                    lw=1.2, label=_PRIOR_LABEL.format(sd=prior_sd))
         ax.set(title=f"dimension {d}", xlabel="value", ylabel="density", xlim=(grid[0], grid[-1]))
         ax.grid(alpha=0.25)
     fig.legend(
         handles=[Line2D([], [], color=f"C{j % 10}", lw=2, ls="-" if arr.shape[0] > 1 and arr.std(0).any() else "--",
                         label=f"{name} (S={arr.shape[0]})")
-                 for j, (name, arr) in enumerate(arrays.items())],
-        loc="outside lower center", ncols=min(len(arrays), 4), fontsize=8, frameon=False,
+                 for j, (name, arr) in enumerate(arrays.items())]
+        + ([Line2D([], [], color="black", ls="--", lw=1.2, label=_PRIOR_LABEL.format(sd=prior_sd))]
+           if prior_sd is not None else []),
+        loc="outside lower center", ncols=min(len(arrays) + 1, 4), fontsize=8, frameon=False,
     )
+    where = f"layer {layer}" if layer else "inducing weights"
+    _caption(fig, f"q(U) marginals of {where}\nHow to read: a guide on top of the dashed prior learned nothing "
+                  "there; a shifted or narrower curve is what the data taught.")
     return _finish(fig, path)

@@ -32,19 +32,25 @@ def load_run(folder: str | Path) -> dict[str, dict]:
     return runs
 
 
-def _interesting(sample_probs: torch.Tensor, labels: torch.Tensor, k: int = 6) -> list[int]:
-    """Half the most uncertain examples (mutual information), half the most confident wrong or right ones."""
-    mi = uncertainty_decomposition(sample_probs)["mutual_information"]
-    top_mi = mi.argsort(descending=True)[: k // 2].tolist()
-    confidence = sample_probs.mean(0).max(-1).values
-    rest = [i for i in confidence.argsort(descending=True).tolist() if i not in top_mi][: k - len(top_mi)]
-    return top_mi + rest
+def _class_names(root: Path) -> Optional[list[str]]:
+    """The class names recorded beside any method's adapter (``experiment.json``), if one was saved."""
+    from pyro_blora.experiments.record import RECORD_NAME
+
+    for record in sorted(root.glob(f"*/{RECORD_NAME}")):
+        try:
+            names = json.loads(record.read_text()).get("class_names")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if names:
+            return [str(n).strip() for n in names]
+    return None
 
 
 def write_plots(folder: str | Path, class_names: Optional[Sequence[str]] = None) -> list[Path]:
     """Write every plot of the run in ``folder``; returns the PNG paths."""
     root = Path(folder)
     runs = load_run(root)
+    class_names = list(class_names) if class_names is not None else _class_names(root)
     written: list[Path] = []
 
     def out(name: str) -> Path:
@@ -58,15 +64,18 @@ def write_plots(folder: str | Path, class_names: Optional[Sequence[str]] = None)
     for method, run in runs.items():
         # an ensemble logs one history per member: plot the first member's
         logged = run["history"][0] if isinstance(run["history"], list) and run["history"] else run["history"]
-        history = {k: v for k, v in logged.items() if k in ("step", "elbo", "nll", "kl")} if isinstance(logged, dict) else {}
+        history = {k: v for k, v in logged.items() if k in ("step", "loss", "nll", "kl", "beta")} if isinstance(logged, dict) else {}
         if history.get("step"):
-            plots.training_curves(history, path=out(f"training_curves_{method}.png"))
+            # MAP (delta) has no q, so no KL panel; other methods let the logged KL decide
+            plots.training_curves(history, path=out(f"training_curves_{method}.png"),
+                                  has_posterior=False if method == "delta" else None)
     bayesian = [m for m, r in runs.items() if r["tensors"]["test_sample_probs"].shape[0] > 1]
     for method in bayesian[:1] or list(runs)[:1]:
         tensors = runs[method]["tensors"]
         samples, labels = tensors["test_sample_probs"], tensors["test_labels"]
         plots.posterior_predictive(
-            samples, labels, _interesting(samples, labels), class_names=class_names,
+            samples, labels, plots.choose_examples(samples, labels),
+            class_names=class_names if class_names and len(class_names) == samples.shape[-1] else None,
             path=out(f"posterior_predictive_{method}.png"),
         )
         if "shifted_sample_probs" in tensors:
@@ -75,11 +84,12 @@ def write_plots(folder: str | Path, class_names: Optional[Sequence[str]] = None)
                 k: v for k, v in uncertainty_decomposition(tensors["shifted_sample_probs"]).items() if k != "expected_entropy"
             }
             plots.uncertainty_histograms(in_dist, shifted, path=out(f"uncertainty_shift_{method}.png"))
-    marginals = {
-        m: next(v for k, v in r["tensors"].items() if k.startswith("q_u."))
-        for m, r in runs.items()
-        if any(k.startswith("q_u.") for k in r["tensors"]) and m != "delta"
-    }
+    marginals, layer = {}, None
+    for m, r in runs.items():
+        key = next((k for k in r["tensors"] if k.startswith("q_u.")), None)
+        if key is not None and m != "delta":
+            samples = r["tensors"][key]
+            marginals[m], layer = samples.reshape(samples.shape[0], -1), key[len("q_u."):]
     if marginals:
-        plots.posterior_marginals(marginals, path=out("q_u_marginals.png"))
+        plots.posterior_marginals(marginals, layer=layer, path=out("q_u_marginals.png"))
     return written
