@@ -23,7 +23,8 @@ largest value whose anchor-set NLL (validation data only) stays within
 
 found by binary search, every candidate scored with the same seeded noise
 (common random numbers). One ``sigma`` is shared by every adapted module (as in
-the paper) and recorded per module. ``tolerance = 0`` gives ``sigma = 0``: the MAP.
+the paper) and recorded per module; ``per_module=True`` searches one per module
+in turn, the ones already found in place. ``tolerance = 0`` gives ``sigma = 0``: the MAP.
 Plain (non-Bayesian) LoRA layers, which hold parameters rather than draws, stay at MAP.
 """
 
@@ -125,43 +126,54 @@ def _check_search(tolerance: float, bounds: Sequence[float], iterations: int, nu
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
 
 
-def search_sigma(
-    map_result: FitResult, val_data: Data, tolerance: float = 0.01, search_bounds: Sequence[float] = (0.0, 1.0),
-    iterations: int = 12, num_samples: int = 8, seed: int = 0, batch_size: int = 8,
-) -> tuple[float, float, list[dict[str, float]]]:
-    """Binary search for the largest ``sigma`` with ``NLL_val(sigma) - NLL_val(0) <= tolerance``.
-
-    Returns ``(sigma, map_nll, table)``; ``table`` lists every ``sigma`` tried with its
-    anchor NLL and whether it was feasible. The high bound is returned when it is
-    feasible itself; a low bound > 0 that is infeasible is an error.
-    """
-    _check_search(tolerance, search_bounds, iterations, num_samples)
-    factors = map_factors(map_result)
-    zero = {name: 0.0 for name in factors}
-    probs, labels = _sample_probs(map_result, factors, _directions(factors, 1, seed), zero, val_data, batch_size)
-    if labels is None:
-        raise ValueError("TFB's search scores the anchor NLL: val_data needs labels")
-    map_nll = negative_log_likelihood(probs.mean(0), labels)
-    table = [{"sigma": 0.0, "nll": map_nll, "feasible": True}]
-    if tolerance == 0:
-        return 0.0, map_nll, table
-    directions = _directions(factors, num_samples, seed)
-
-    def feasible(sigma: float) -> bool:
-        p, _ = _sample_probs(map_result, factors, directions, {n: sigma for n in factors}, val_data, batch_size)
-        nll = negative_log_likelihood(p.mean(0), labels)
-        table.append({"sigma": sigma, "nll": nll, "feasible": nll - map_nll <= tolerance})
-        return bool(table[-1]["feasible"])
-
-    low, high = float(search_bounds[0]), float(search_bounds[1])
+def _bisect(feasible: Any, low: float, high: float, iterations: int) -> float:
+    """The largest feasible value bisection finds in ``[low, high]`` (``high`` itself when it is feasible)."""
     if feasible(high):
-        return high, map_nll, table
+        return high
     if low > 0 and not feasible(low):
-        raise ValueError(f"even sigma = {low} (the low search bound) raises the anchor NLL by more than {tolerance}; lower it")
+        raise ValueError(f"even sigma = {low} (the low search bound) raises the anchor NLL beyond the tolerance; lower it")
     for _ in range(iterations):
         mid = 0.5 * (low + high)
         low, high = (mid, high) if feasible(mid) else (low, mid)
-    return low, map_nll, table
+    return low
+
+
+def search_sigma(
+    map_result: FitResult, val_data: Data, tolerance: float = 0.01, search_bounds: Sequence[float] = (0.0, 1.0),
+    iterations: int = 12, num_samples: int = 8, seed: int = 0, batch_size: int = 8, per_module: bool = False,
+) -> tuple[dict[str, float], float, list[dict[str, Any]]]:
+    """Binary search for the largest ``sigma`` with ``NLL_val(sigma) - NLL_val(0) <= tolerance``.
+
+    One ``sigma`` for every module (the paper), or with ``per_module`` one per module,
+    searched module by module in layer order with the ones already found in place
+    (so the final joint setting is feasible too). Returns ``(sigma per module,
+    map_nll, table)``; ``table`` lists every value tried (``module``: the module
+    searched, ``"*"`` for all) with its anchor NLL and feasibility.
+    """
+    _check_search(tolerance, search_bounds, iterations, num_samples)
+    factors = map_factors(map_result)
+    sigma = {name: 0.0 for name in factors}
+    probs, labels = _sample_probs(map_result, factors, _directions(factors, 1, seed), sigma, val_data, batch_size)
+    if labels is None:
+        raise ValueError("TFB's search scores the anchor NLL: val_data needs labels")
+    map_nll = negative_log_likelihood(probs.mean(0), labels)
+    table: list[dict[str, Any]] = [{"module": "*", "sigma": 0.0, "nll": map_nll, "feasible": True}]
+    if tolerance == 0:
+        return sigma, map_nll, table
+    directions = _directions(factors, num_samples, seed)
+    for group in ([[name] for name in factors] if per_module else [list(factors)]):
+
+        def feasible(value: float, group: list[str] = group) -> bool:
+            trial = {**sigma, **{name: value for name in group}}
+            p, _ = _sample_probs(map_result, factors, directions, trial, val_data, batch_size)
+            nll = negative_log_likelihood(p.mean(0), labels)
+            table.append({"module": group[0] if per_module else "*", "sigma": value, "nll": nll,
+                          "feasible": nll - map_nll <= tolerance})
+            return bool(table[-1]["feasible"])
+
+        found = _bisect(feasible, float(search_bounds[0]), float(search_bounds[1]), iterations)
+        sigma.update({name: found for name in group})
+    return sigma, map_nll, table
 
 
 class TFBResult(WrappedPosterior):
@@ -211,11 +223,12 @@ class TFBResult(WrappedPosterior):
         sample_probs, labels = _sample_probs(self.map_result, self.factors, directions, self.sigma, data, batch_size)
         return Prediction(sample_probs.mean(0), sample_probs, labels)
 
-    def anchor_nll(self, data: Data, sigma: float, num_samples: int = 8, seed: int = 0, batch_size: int = 8) -> float:
-        """NLL of the predictive mean on labelled ``data`` with every module's sd set to ``sigma``."""
+    def anchor_nll(self, data: Data, sigma: Union[float, dict[str, float]], num_samples: int = 8, seed: int = 0,
+                   batch_size: int = 8) -> float:
+        """NLL of the predictive mean on labelled ``data`` with the sd ``sigma`` (one for all, or per module)."""
         directions = _directions(self.factors, num_samples, seed)
-        probs, labels = _sample_probs(self.map_result, self.factors, directions, {n: float(sigma) for n in self.factors},
-                                      data, batch_size)
+        values = sigma if isinstance(sigma, dict) else {n: float(sigma) for n in self.factors}
+        probs, labels = _sample_probs(self.map_result, self.factors, directions, values, data, batch_size)
         if labels is None:
             raise ValueError("the anchor NLL needs labelled data")
         return negative_log_likelihood(probs.mean(0), labels)
@@ -232,7 +245,7 @@ class TFBResult(WrappedPosterior):
 
 def tfb_from_map(
     map_result: FitResult, val_data: Data, *, tolerance: float = 0.01, search_bounds: Sequence[float] = (0.0, 1.0),
-    iterations: int = 12, num_samples: int = 8, seed: int = 0, batch_size: Optional[int] = None,
+    iterations: int = 12, num_samples: int = 8, seed: int = 0, per_module: bool = False, batch_size: Optional[int] = None,
 ) -> TFBResult:
     """TFB around a finished MAP run: search ``sigma`` on ``val_data`` (never the test split); no retraining.
 
@@ -244,15 +257,15 @@ def tfb_from_map(
         iterations: bisection steps.
         num_samples: draws of ``A`` per candidate ``sigma`` (the same draws for all).
         seed: seed of those draws.
+        per_module: one sd per module, searched module by module (default: one shared sd, as the paper).
         batch_size: examples per forward (default: the MAP run's batch size).
     """
     if not isinstance(map_result, FitResult) or not map_result.is_deterministic:
         raise ValueError(f"TFB Bayesianizes a MAP fit (guide='delta'), got {type(map_result).__name__}")
     batch_size = batch_size or map_result.train_config.batch_size
     sigma, map_nll, table = search_sigma(map_result, val_data, tolerance, search_bounds, iterations, num_samples, seed,
-                                         batch_size)
-    names = [layer.layer_name for layer in map_result.model.layers if layer.bayesian]
-    return TFBResult(map_result, {n: sigma for n in names}, tolerance, map_nll, table)
+                                         batch_size, per_module)
+    return TFBResult(map_result, sigma, tolerance, map_nll, table)
 
 
 @dataclass(frozen=True)
@@ -264,6 +277,7 @@ class TFBOptions:
     iterations: int = field(default=12, metadata={"help": "Binary-search steps."})
     num_samples: int = field(default=8, metadata={"help": "Draws of A per candidate sd (common random numbers)."})
     seed: int = field(default=0, metadata={"help": "Seed of the search's draws."})
+    per_module: bool = field(default=False, metadata={"help": "One sd per module, searched in turn (default: one shared)."})
 
     def __post_init__(self) -> None:
         _check_search(self.tolerance, tuple(self.search_bounds), self.iterations, self.num_samples)
@@ -275,7 +289,8 @@ def fit_tfb(model: Any, data: Data, request: FitRequest, options: TFBOptions) ->
         raise ValueError("TFB searches its sd on anchor data: pass val_data (a validation split, never the test split)")
     map_result = fit_svi(model, data, "delta", **request.svi_arguments())
     return tfb_from_map(map_result, request.val_data, tolerance=options.tolerance, search_bounds=tuple(options.search_bounds),
-                        iterations=options.iterations, num_samples=options.num_samples, seed=options.seed)
+                        iterations=options.iterations, num_samples=options.num_samples, seed=options.seed,
+                        per_module=options.per_module)
 
 
 def load_tfb(path: Union[str, "os.PathLike[str]"], model: Any, task: Optional[Task] = None, guide: Any = None,

@@ -58,6 +58,20 @@ def test_searched_sd_is_within_tolerance_and_a_larger_one_is_not(fitted) -> None
     assert result.anchor_nll(val, larger, num_samples=4, seed=3) - result.map_nll > 0.05
 
 
+def test_per_module_search_keeps_the_joint_nll_within_tolerance(fitted) -> None:
+    result, _, val, _ = fitted
+    per = tfb_from_map(result.map_result, val, tolerance=0.05, search_bounds=(0.0, 4.0), iterations=4, num_samples=4,
+                       seed=3, per_module=True)
+    names = list(per.sigma)
+    assert names == [layer.layer_name for layer in result.map_result.model.layers]
+    assert {row["module"] for row in per.search[1:]} == set(names)
+    assert per.anchor_nll(val, per.sigma, num_samples=4, seed=3) - per.map_nll <= 0.05
+    last = [row for row in per.search if row["module"] == names[-1] and not row["feasible"]]
+    assert last  # lm_head, searched last, reaches an infeasible sd: one larger breaks the joint tolerance
+    larger = {**per.sigma, names[-1]: min(row["sigma"] for row in last)}
+    assert per.anchor_nll(val, larger, num_samples=4, seed=3) - per.map_nll > 0.05
+
+
 def test_tolerance_zero_is_the_map_and_noise_stays_in_b_column_space(fitted) -> None:
     result, _, val, _ = fitted
     test = mc_data(5, offset=20)
