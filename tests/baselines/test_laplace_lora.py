@@ -10,7 +10,7 @@ import torch
 
 import pyro_blora
 from pyro_blora import BLoRAConfig
-from pyro_blora.baselines.laplace.lora import LoRAClassifier
+from pyro_blora.baselines.laplace.lora import LoRAClassifier, check_kfac_size
 from pyro_blora.baselines.laplace.lora_posterior import LaplaceLoRAResult, laplace_lora_from_map
 from pyro_blora.result import make_loader
 from pyro_blora.tasks import AnswerTokenTask
@@ -54,7 +54,7 @@ def test_wrapper_is_the_map_function_and_evidence_tau_is_positive(fitted) -> Non
     assert result.la.n_params == sum(p.numel() for p in wrapper.parameters()) == 4 * (2 * 64) + 4 * (2 * 48)
     tau = result.prior_precision
     assert tau == tau and 0 < tau < float("inf") and result.tuning["prior_method"] == "marglik"
-    assert result.kfac_bytes > 0
+    assert result.kfac_bytes == check_kfac_size(wrapper, max_gib=1.0) > 0  # the estimate made before fitting
 
 
 def test_huge_prior_is_map_and_variance_shrinks(fitted) -> None:
@@ -113,3 +113,5 @@ def test_val_nll_tuning_and_bad_options(fitted) -> None:
         laplace_lora_from_map(result.map_result, mc_data(4), link_approx="bridge")
     with pytest.raises(ValueError, match="pass val_data"):
         laplace_lora_from_map(result.map_result, mc_data(4), prior_method="val_nll")
+    with pytest.raises(ValueError, match=r"K-FAC factors would take .* GiB \(> max_kfac_gib = 1e-06\)"):
+        laplace_lora_from_map(result.map_result, mc_data(4), prior_precision=1.0, max_kfac_gib=1e-6)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from pyro_blora.result import FitResult
 from pyro_blora.tasks.base import Task
 
-__all__ = ["LoRAClassifier", "build_laplace", "kfac_bytes", "kron_factors", "set_kron_factors"]
+__all__ = ["LoRAClassifier", "build_laplace", "check_kfac_size", "kfac_bytes", "kron_factors", "set_kron_factors"]
 
 Data = Union[Dataset, DataLoader, Sequence[Any]]
 
@@ -139,3 +139,20 @@ def set_kron_factors(la: Any, factors: dict[str, Tensor], n_data: int, n_outputs
 def kfac_bytes(la: Any) -> int:
     """Bytes the K-FAC factors of ``la`` hold (the curvature's memory; eigendecompositions double it)."""
     return sum(t.numel() * t.element_size() for t in kron_factors(la).values())
+
+
+def check_kfac_size(wrapper: LoRAClassifier, max_gib: float) -> int:
+    """Bytes the K-FAC factors will take (``d_in^2 + r^2`` for ``A``, ``r^2 + d_out^2`` for ``B``, per layer);
+    an error naming the largest layer when they exceed ``max_gib`` (an ``lm_head`` over a vocabulary, say)."""
+    sizes = {}
+    for layer, path in zip(wrapper._layers, wrapper.paths):
+        (r, d_in), d_out = path.lora_A.weight.shape, path.lora_B.weight.shape[0]
+        sizes[layer.layer_name] = (d_in ** 2 + 2 * r ** 2 + d_out ** 2) * path.lora_A.weight.element_size()
+    total = sum(sizes.values())
+    if total > max_gib * 2 ** 30:
+        worst = max(sizes, key=sizes.__getitem__)
+        raise ValueError(
+            f"the K-FAC factors would take {total / 2 ** 30:.1f} GiB (> max_kfac_gib = {max_gib}), "
+            f"{sizes[worst] / 2 ** 30:.1f} GiB of it for {worst}; leave such layers out of target_modules or raise the limit"
+        )
+    return total

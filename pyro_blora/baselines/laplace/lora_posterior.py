@@ -22,7 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pyro_blora.baselines.laplace.lora import LoRAClassifier, build_laplace, kfac_bytes, kron_factors, set_kron_factors
+from pyro_blora.baselines.laplace.lora import (
+    LoRAClassifier,
+    build_laplace,
+    check_kfac_size,
+    kfac_bytes,
+    kron_factors,
+    set_kron_factors,
+)
 from pyro_blora.baselines.laplace.posterior import DEFAULT_GRID
 from pyro_blora.io import atomic_write, read_method_file, write_method_file
 from pyro_blora.io import save as save_adapter
@@ -194,7 +201,7 @@ def laplace_lora_from_map(
     map_result: FitResult, train_data: Any, val_data: Any = None, *, link_approx: str = "probit",
     prior_method: str = "marglik", prior_precision: Optional[float] = None,
     prior_precision_grid: Sequence[float] = DEFAULT_GRID, marglik_steps: int = 100, tune_samples: int = 16,
-    tune_seed: int = 0, batch_size: Optional[int] = None,
+    tune_seed: int = 0, max_kfac_gib: float = 4.0, batch_size: Optional[int] = None,
 ) -> LaplaceLoRAResult:
     """K-FAC Laplace over every LoRA weight of a finished MAP run (no retraining).
 
@@ -206,6 +213,7 @@ def laplace_lora_from_map(
         prior_method: ``"marglik"`` (Laplace evidence) or ``"val_nll"`` (grid); ignored when ``prior_precision`` is given.
         marglik_steps: Adam steps of laplace-torch's evidence maximisation.
         tune_samples, tune_seed: draws (and their seed) per example when tuning with ``"mc"``.
+        max_kfac_gib: refuse (before any curvature is computed) K-FAC factors larger than this.
         batch_size: examples per forward (default: the MAP run's batch size).
     """
     if not isinstance(map_result, FitResult) or not map_result.is_deterministic:
@@ -213,6 +221,7 @@ def laplace_lora_from_map(
     _check(link_approx, prior_method, prior_precision, val_data)
     batch_size = batch_size or map_result.train_config.batch_size
     wrapper = LoRAClassifier(map_result)
+    check_kfac_size(wrapper, max_kfac_gib)
     la = build_laplace(wrapper)
     with _frozen(map_result):
         la.fit(make_loader(train_data, map_result.task, batch_size, shuffle=False))
@@ -237,6 +246,7 @@ class LaplaceLoRAOptions:
     marglik_steps: int = field(default=100, metadata={"help": "Steps of the evidence maximisation."})
     tune_samples: int = field(default=16, metadata={"help": "Draws per example when tuning with mc."})
     tune_seed: int = field(default=0, metadata={"help": "Seed of those draws."})
+    max_kfac_gib: float = field(default=4.0, metadata={"help": "Refuse K-FAC factors larger than this (GiB)."})
 
     def __post_init__(self) -> None:
         _check(self.link_approx, self.prior_method, self.prior_precision, val_data=True)
