@@ -15,6 +15,7 @@ from .baselines.laplace import LaplaceResult, laplace_from_map
 from .baselines.mc_dropout import MCDropoutResult
 from .baselines.temperature import TemperatureScaledResult, apply_temperature, fit_temperature, temperature_scale
 from .config import BLoRAConfig, TrainConfig
+from .diagnostics import Diagnostics, diagnose
 from .inject import adapted_layers, inject_adapters, remove_adapters
 from .io import save
 from .model import BayesianLoRAModel
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BLoRAConfig",
     "BayesianLoRAModel",
+    "Diagnostics",
+    "diagnose",
     "Posterior",
     "EnsembleResult",
     "FitResult",
