@@ -23,6 +23,7 @@ from torch import nn
 from pyro_blora.models import BayesianLoRALinear, linear_shape
 
 from .config import BLoRAConfig
+from .quantization import check_quantized_layers
 
 __all__ = ["inject_adapters", "adapted_layers", "remove_adapters", "matches", "find_targets", "restored_on_failure"]
 
@@ -76,6 +77,7 @@ def inject_adapters(
     if adapted_layers(model):
         raise ValueError("the model already carries Bayesian-LoRA adapters; call remove_adapters first")
     targets = find_targets(model, config.target_modules)
+    check_quantized_layers(model, targets)
     if config.bayesian_modules is not None:
         bayesian = {name for name in targets if matches(name, config.bayesian_modules)}
         if not bayesian:

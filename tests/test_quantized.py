@@ -18,7 +18,9 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-N_FEATURES, HIDDEN, N_CLASSES = 16, 32, 3
+# bitsandbytes' CPU 4-bit kernel needs in_features divisible by the blocksize (64) and
+# out_features by 32 (see pyro_blora.quantization), so the quantized layer is 64 -> 32.
+N_FEATURES, HIDDEN, N_CLASSES = 64, 32, 3
 CONFIG = BLoRAConfig(target_modules=["0", "2"], bayesian_modules=["0"], r=2, inducing_rows=3, inducing_cols=3,
                      dropout=0.0, prior_sd=1.0)
 STORAGE = {8: torch.int8, 4: torch.uint8}
@@ -113,3 +115,13 @@ def test_merging_into_a_quantized_base_is_refused_and_leaves_it_intact(bits) -> 
         merge_posterior_mean(result)
     assert torch.equal(net[0].base.weight.data, stored)
     assert pyro_blora.adapted_layers(net)  # the adapters are still in place
+
+
+def test_a_4bit_layer_too_small_for_the_cpu_kernel_is_refused_before_training() -> None:
+    net = dense_net()
+    layer = bnb.nn.Linear4bit(N_FEATURES, 16, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(16, N_FEATURES), requires_grad=False, quant_type="nf4")
+    net[0], net[2] = layer.to("cpu"), nn.Linear(16, N_CLASSES)
+    with pytest.raises(ValueError, match=r"quantized layer '0' .*out_features=16.*divisible by 32"):
+        quick_fit(net)
+    assert not pyro_blora.adapted_layers(net)
