@@ -5,15 +5,16 @@ Fits Bayesian-LoRA with a flow posterior on the drug reviews, plus MAP LoRA
 against, then draws
 
 * ``posterior_predictive.png``: the class probabilities of each posterior sample
-  for the test reviews with the largest mutual information (epistemic
-  uncertainty) and for the most confident ones;
+  for the test reviews that tell the story (``plots.choose_examples``): the most
+  uncertain, the wrong ones, and one confident right one, under the class names;
 * ``reliability.png`` and ``risk_coverage.png``: calibration and selective
   prediction of every method;
-* ``training_curves_<method>.png``: ELBO, NLL, KL and beta from ``result.history``;
+* ``training_curves_<method>.png``: per-example NLL and the KL per training
+  example (none for MAP) from ``result.history``;
 * ``uncertainty_shift.png``: predictive entropy and mutual information of the
   flow on the test reviews vs the same reviews with their words shuffled;
 * ``q_u_marginals.png``: marginals of q(U) of the first Bayesian site, flow vs
-  normal, each centred at its mean.
+  normal, over its whitened N(0, 1) prior, with the layer in the title.
 
 The plotting functions take plain tensors, so the same calls work on anything
 ``result.predict`` returns. (``pyro-blora compare`` + ``pyro_blora.experiments.report.write_plots``
@@ -39,21 +40,12 @@ from pyro_blora.metrics import uncertainty_decomposition
 METHODS = ("delta", "flow", "normal")
 
 
-def pick_examples(sample_probs: torch.Tensor, k: int) -> list[int]:
-    """The ``k`` most uncertain test examples by mutual information, then the ``k`` most confident others."""
-    mi = uncertainty_decomposition(sample_probs)["mutual_information"]
-    uncertain = mi.argsort(descending=True)[:k].tolist()
-    confidence = sample_probs.mean(0).max(-1).values
-    confident = [i for i in confidence.argsort(descending=True).tolist() if i not in uncertain][:k]
-    return uncertain + confident
-
-
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("runs/posterior_plots"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=16, help="posterior samples per prediction")
-    parser.add_argument("--examples", type=int, default=3, help="uncertain and confident examples to show (each)")
+    parser.add_argument("--examples", type=int, default=6, help="test reviews to show")
     parser.add_argument("--smoke", action="store_true", help="a few reviews and steps, to check the script runs")
     args = parser.parse_args(argv)
     out: Path = args.output
@@ -62,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if args.smoke:
         cfg = ExperimentConfig(train_size=4, validation_size=3, test_size=4, trainable_layers=1, max_length=24)
         schedule: dict[str, Any] = {"num_steps": 2, "batch_size": 2}
-        args.num_samples, args.examples = 4, 1
+        args.num_samples, args.examples = 4, 3
     else:
         cfg = ExperimentConfig()
         schedule = {"epochs": args.epochs, "batch_size": cfg.batch_size}
@@ -73,30 +65,35 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     shifted: dict[str, Prediction] = {}
     history: dict[str, dict[str, list[float]]] = {}
     q_u: dict[str, torch.Tensor] = {}
+    layer = ""
     for method in METHODS:
         result = pyro_blora.fit(data.net, data.train, guide=method, task=data.task, config=config,
                                 lr=cfg.lr, seed=cfg.seed, **schedule)
         test[method] = result.predict(data.test, num_samples=args.num_samples, seed=0)
         shifted[method] = result.predict(data.shifted, num_samples=args.num_samples, seed=0)
         history[method] = result.history
-        draws = next(iter(result.guide.sample_inducing(1000).values()))  # (1000, m_r * m_c) draws of U_w
-        q_u[method] = draws - draws.mean(0)  # centred, to compare spread and shape
+        if method != "delta":  # MAP has no q(U)
+            # uncentred (1000, m_r * m_c) draws of U_w: they are drawn over the whitened N(0, 1) prior
+            layer, draws = next(iter(result.guide.sample_inducing(1000).items()))
+            q_u[method] = draws.reshape(draws.shape[0], -1)
         pyro_blora.remove_adapters(data.net)
 
     flow = test["flow"]
-    plots.posterior_predictive(flow.sample_probs, flow.labels, pick_examples(flow.sample_probs, args.examples),
+    chosen = plots.choose_examples(flow.sample_probs, flow.labels, k=args.examples)
+    plots.posterior_predictive(flow.sample_probs, flow.labels, chosen,
                                class_names=data.splits.class_names, path=out / "posterior_predictive.png")
     calibration = {method: (p.probs, p.labels) for method, p in test.items()}
     plots.reliability_diagram(calibration, path=out / "reliability.png")
     plots.risk_coverage_curve(calibration, path=out / "risk_coverage.png")
     for method in ("delta", "flow"):
-        curves = {key: history[method][key] for key in ("step", "elbo", "nll", "kl", "beta")}
-        plots.training_curves(curves, path=out / f"training_curves_{method}.png")
+        curves = {key: history[method][key] for key in ("step", "loss", "nll", "kl", "beta")}
+        plots.training_curves(curves, has_posterior=method != "delta", num_data=len(data.train),
+                              path=out / f"training_curves_{method}.png")
     keys = ("predictive_entropy", "mutual_information")
     in_dist = {k: v for k, v in uncertainty_decomposition(flow.sample_probs).items() if k in keys}
     out_dist = {k: v for k, v in uncertainty_decomposition(shifted["flow"].sample_probs).items() if k in keys}
     plots.uncertainty_histograms(in_dist, out_dist, path=out / "uncertainty_shift.png")
-    plots.posterior_marginals({m: q_u[m] for m in ("flow", "normal")}, dims=range(4), path=out / "q_u_marginals.png")
+    plots.posterior_marginals(q_u, dims=range(4), layer=layer, path=out / "q_u_marginals.png")
 
     for method, p in test.items():
         mi = uncertainty_decomposition(p.sample_probs)["mutual_information"].mean()
