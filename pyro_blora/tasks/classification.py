@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_blora.tasks.base import model_inputs, on_model_device
+from pyro_blora.tasks.records import example_label
 
 __all__ = ["SequenceClassificationTask"]
 
@@ -58,7 +59,10 @@ class SequenceClassificationTask:
             return_tensors="pt",
         )
         batch = {k: v for k, v in encoded.items()}
-        batch["labels"] = torch.tensor([int(e["label"] if "label" in e else e["labels"]) for e in examples])
+        # "labels" (the transformers name) is accepted too; the check names an example that has neither
+        batch["labels"] = torch.tensor(
+            [int(e["labels"]) if "label" not in e and "labels" in e else example_label(e, i) for i, e in enumerate(examples)]
+        )
         if self.num_classes is not None and bool((batch["labels"] >= self.num_classes).any()):
             raise ValueError(f"labels {batch['labels'].tolist()} exceed num_classes={self.num_classes}")
         return batch

@@ -20,15 +20,14 @@ exported by :mod:`pyro_blora.tasks`.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from pyro_blora.tasks.records import read_csv, read_jsonl
 
 __all__ = [
     "DatasetSplits",
@@ -158,6 +157,8 @@ def carve_splits(
     ``{"test": 0.2, "validation": 0.1}`` leaves 70% for training.
     """
     counts = {name: _resolve_size(size, len(pool), f"{name}_size") for name, size in sizes.items()}
+    if not pool:
+        raise ValueError("no examples to carve validation/test splits from: the training data is empty")
     if sum(counts.values()) >= len(pool):
         raise ValueError(f"carving {counts} from {len(pool)} examples would leave no training data")
     rest, carved = list(pool), {}
@@ -195,75 +196,69 @@ def subsample(
 # --------------------------------------------------------------------------- generic
 
 
-def _read_jsonl(path: Path) -> list[Example]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _read_csv(path: Path, label_column: str) -> list[Example]:
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = [dict(row) for row in csv.DictReader(f, delimiter=delimiter)]
-    # CSV loses types: integer-looking labels are class indices, as pandas would read them
-    if rows and all(re.fullmatch(r"-?\d+", str(r.get(label_column, ""))) for r in rows):
-        for r in rows:
-            r[label_column] = int(r[label_column])
-    return rows
-
-
-def _read_source(source: Any, label_column: str) -> tuple[list[Example], list[str] | None]:
-    """Rows of ``source`` as dicts, and class names declared by a ``ClassLabel`` feature if any."""
+def _read_source(source: Any, label_column: str, split: str) -> tuple[list[Example], list[str] | None, list[str]]:
+    """Rows of ``source`` as dicts, class names declared by a ``ClassLabel`` feature if any, and where each row is."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         if path.suffix.lower() in (".jsonl", ".json"):
-            return _read_jsonl(path), None
+            return _with_names(read_jsonl(path))
         if path.suffix.lower() in (".csv", ".tsv", ".tab"):
-            return _read_csv(path, label_column), None
+            return _with_names(read_csv(path, label_column))
         raise ValueError(f"cannot read {path}: expected a .jsonl, .csv or .tsv file")
     features = getattr(source, "features", None)
     if features is not None and hasattr(source, "column_names"):  # a datasets.Dataset
         declared = getattr(features.get(label_column), "names", None)
-        return [dict(row) for row in source], list(declared) if declared else None
+        rows = [dict(row) for row in source]
+        return rows, list(declared) if declared else None, [f"{split} row {i}" for i in range(1, len(rows) + 1)]
     if isinstance(source, Sequence):
         if not all(isinstance(row, Mapping) for row in source):
             raise ValueError("a list source must hold dicts, one per example")
-        return [dict(row) for row in source], None
+        return [dict(row) for row in source], None, [f"{split} example {i}" for i in range(1, len(source) + 1)]
     raise TypeError(
         f"cannot read a {type(source).__name__}: pass a datasets.Dataset/DatasetDict, "
         "a path to a .jsonl/.csv file, a list of dicts, or a dict of those per split"
     )
 
 
+def _with_names(read: tuple[list[Example], list[str]]) -> tuple[list[Example], None, list[str]]:
+    return read[0], None, read[1]
+
+
 def _encode_labels(
-    split_rows: Mapping[str, list[Example]], label_column: str, class_names: Sequence[str] | None
+    split_rows: Mapping[str, list[Example]], where: Mapping[str, list[str]], label_column: str,
+    class_names: Sequence[str] | None,
 ) -> list[str]:
     """Check labels across all splits and settle the class names; rewrites string labels to ints."""
-    labels = [(split, i, row[label_column]) for split, rows in split_rows.items() for i, row in enumerate(rows)]
-    for split, i, y in labels:
+    labels = [(where[split][i], row[label_column]) for split, rows in split_rows.items() for i, row in enumerate(rows)]
+    for at, y in labels:
         if isinstance(y, bool) or not isinstance(y, (int, str)):
-            raise ValueError(
-                f"label {y!r} of {split} row {i} has type {type(y).__name__}; labels must be ints or strings"
-            )
-    kinds = {type(y) for _, _, y in labels}
+            raise ValueError(f"{at}: label {y!r} has type {type(y).__name__}; labels must be ints or strings")
+    kinds = {type(y) for _, y in labels}
     if len(kinds) > 1:
-        raise ValueError(f"column {label_column!r} mixes int and str labels; use one type")
+        at = next(at for at, y in labels if type(y) is not type(labels[0][1]))
+        raise ValueError(f"{at}: column {label_column!r} mixes int and str labels; use one type")
     if str in kinds:
-        names = list(class_names) if class_names is not None else sorted({y for _, _, y in labels})
+        names = list(class_names) if class_names is not None else sorted({y for _, y in labels})
         index = {name: c for c, name in enumerate(names)}
-        for split, i, y in labels:
+        for at, y in labels:
             if y not in index:
-                raise ValueError(f"label {y!r} of {split} row {i} is not one of the class names {names}")
+                raise ValueError(f"{at}: label {y!r} is not one of the class names {names}")
         for rows in split_rows.values():
             for row in rows:
                 row[label_column] = index[row[label_column]]
         return names
-    top = max(y for _, _, y in labels)
-    names = list(class_names) if class_names is not None else [str(c) for c in range(top + 1)]
-    for split, i, y in labels:
+    seen = sorted({y for _, y in labels})
+    # Without class names, a gap (labels 0, 1, 5) would quietly make a 6-class task with never-seen classes.
+    names = list(class_names) if class_names is not None else [str(c) for c in range(len(seen))]
+    for at, y in labels:
         if not 0 <= y < len(names):
-            raise ValueError(f"label {y} of {split} row {i} is out of range for {len(names)} classes {names}")
+            given = f"the {len(names)} class_names {names}" if class_names is not None else "no class_names"
+            raise ValueError(
+                f"{at}: label {y} is out of range with {given} (labels seen: {seen}); int labels must be "
+                "0..C-1 with C class names given (class_names=[...])"
+            )
     return names
 
 
@@ -301,19 +296,20 @@ def load_classification(
         parts = {"train": source}
     split_rows: dict[str, list[Example]] = {}
     declared: list[str] | None = None
+    where: dict[str, list[str]] = {}
     for split, part in parts.items():
-        rows, names = _read_source(part, label_column)
+        rows, names, where[split] = _read_source(part, label_column, split)
         if not rows:
             raise ValueError(f"the {split} source of {name!r} is empty: no examples to load")
         columns = [text_column, label_column] + ([id_column] if id_column else [])
-        missing = [c for c in columns if c not in rows[0]]
-        if missing:
-            raise ValueError(
-                f"column(s) {missing} not found in the {split} source; available columns: {sorted(rows[0])}"
-            )
+        for row, at in zip(rows, where[split]):
+            # an empty label or id cell (a CSV ",," ) is as missing as an absent key; an empty text may be real
+            missing = [c for c in columns if c not in row or row[c] is None or (c != text_column and row[c] == "")]
+            if missing:
+                raise ValueError(f"{at}: column(s) {missing} missing or empty; columns it has: {sorted(row)}")
         declared = declared or names
         split_rows[split] = [dict(r) for r in rows]  # labels get rewritten in place below
-    names = _encode_labels(split_rows, label_column, class_names if class_names is not None else declared)
+    names = _encode_labels(split_rows, where, label_column, class_names if class_names is not None else declared)
     examples: dict[str, list[Example]] = {}
     for split, rows in split_rows.items():
         examples[split] = [

@@ -226,17 +226,17 @@ def test_generic_from_datasets() -> None:
 def test_generic_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="source of 'classification' is empty"):
         load_classification([])
-    with pytest.raises(ValueError, match=r"\['review'\] not found .* available columns: \['label', 'text'\]"):
+    with pytest.raises(ValueError, match=r"train example 1: column\(s\) \['review'\] missing or empty; columns it has: \['label', 'text'\]"):
         load_classification(ROWS, text_column="review")
-    with pytest.raises(ValueError, match=r"label 3 of train row 1 is out of range for 2 classes"):
+    with pytest.raises(ValueError, match=r"train example 2: label 3 is out of range with the 2 class_names"):
         load_classification([{"text": "a", "label": 0}, {"text": "b", "label": 3}], class_names=["x", "y"])
-    with pytest.raises(ValueError, match=r"label -1 of train row 0 is out of range"):
+    with pytest.raises(ValueError, match=r"train example 1: label -1 is out of range"):
         load_classification([{"text": "a", "label": -1}, {"text": "b", "label": 1}])
     with pytest.raises(ValueError, match="has type float; labels must be ints or strings"):
         load_classification([{"text": "a", "label": 0.5}])
     with pytest.raises(ValueError, match="mixes int and str labels"):
         load_classification([{"text": "a", "label": 0}, {"text": "b", "label": "one"}])
-    with pytest.raises(ValueError, match=r"label 'meh' of train row 0 is not one of the class names"):
+    with pytest.raises(ValueError, match=r"train example 1: label 'meh' is not one of the class names"):
         load_classification([{"text": "a", "label": "meh"}], class_names=["bad", "good"])
     with pytest.raises(ValueError, match="duplicate ids"):
         load_classification([{"text": "a", "label": 0, "k": 1}, {"text": "b", "label": 1, "k": 1}], id_column="k")
