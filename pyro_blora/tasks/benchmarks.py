@@ -197,7 +197,9 @@ def _read_hub(spec: _Benchmark) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _read_raw(spec: _Benchmark, name: str, data_dir: Path, explicit: bool) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
+def _read_raw(
+    spec: _Benchmark, name: str, data_dir: Path, explicit: bool
+) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
     """Per file stem, the raw records and where each one is (file and line, or hub split and row)."""
     paths = {stem: data_dir / spec.folder / f"{stem}.jsonl" for stem in spec.files.values()}
     missing = [p for p in paths.values() if not p.is_file()]
@@ -296,7 +298,9 @@ def _read_drug_tsv(archive: zipfile.ZipFile, member: str, split: str) -> list[Ex
     for number, row in enumerate(rows, start=1):
         missing_field(row, f"{member} row {number}", ["", "review", "rating", "drugName", "condition"])
         if row["rating"] not in DRUG_REVIEW_CLASSES:
-            raise ValueError(f"{member} row {number}: rating {row['rating']!r} is not one of {list(DRUG_REVIEW_CLASSES)}")
+            raise ValueError(
+                f"{member} row {number}: rating {row['rating']!r} is not one of {list(DRUG_REVIEW_CLASSES)}"
+            )
         text = row["review"].strip()
         # the drugs.com scrape wraps every review in quotes and keeps HTML entities (&#039;)
         if len(text) >= 2 and text[0] == text[-1] == '"':

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_blora.tasks.base import model_inputs, on_model_device
-from pyro_blora.tasks.records import example_label
+from pyro_blora.tasks.records import example_label, example_name
 from pyro_blora.tasks.scoring import MASKED_LOGIT, choice_scores
 
 __all__ = [
@@ -240,7 +240,7 @@ class AnswerTokenTask:
             n = len(example["choices"]) if "choices" in example else self.num_classes
             label = example_label(example, i)
             if not 0 <= label < n:
-                raise ValueError(f"label {label} is out of range for an example with {n} classes")
+                raise ValueError(f"label {label} of {example_name(example, i)} is out of range for its {n} classes")
             class_mask[i, :n] = True
             rows.append(self.prompt(example))
             labels.append(label)
@@ -348,7 +348,8 @@ class ChoiceLikelihoodTask:
         for b, pairs in enumerate(per_example):
             label = example_label(examples[b], b)
             if not 0 <= label < len(pairs):
-                raise ValueError(f"label {label} is out of range for an example with {len(pairs)} choices")
+                name = example_name(examples[b], b)
+                raise ValueError(f"label {label} of {name} is out of range for its {len(pairs)} choices")
             for c, (context, continuation, length) in enumerate(pairs):
                 context_ids, continuation_ids = self.encode_pair(context, continuation)
                 if not continuation_ids or len(continuation_ids) >= self.max_length:

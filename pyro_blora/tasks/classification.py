@@ -60,9 +60,10 @@ class SequenceClassificationTask:
         )
         batch = {k: v for k, v in encoded.items()}
         # "labels" (the transformers name) is accepted too; the check names an example that has neither
-        batch["labels"] = torch.tensor(
-            [int(e["labels"]) if "label" not in e and "labels" in e else example_label(e, i) for i, e in enumerate(examples)]
-        )
+        batch["labels"] = torch.tensor([
+            int(e["labels"]) if "label" not in e and "labels" in e else example_label(e, i)
+            for i, e in enumerate(examples)
+        ])
         if self.num_classes is not None and bool((batch["labels"] >= self.num_classes).any()):
             raise ValueError(f"labels {batch['labels'].tolist()} exceed num_classes={self.num_classes}")
         return batch

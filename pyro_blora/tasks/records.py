@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["read_jsonl", "read_csv", "example_label", "missing_field"]
+__all__ = ["read_jsonl", "read_csv", "example_label", "example_name", "missing_field"]
 
 Record = dict[str, Any]
 
@@ -71,9 +71,14 @@ def missing_field(record: Mapping[str, Any], where: str, fields: list[str]) -> N
         raise ValueError(f"{where}: missing field(s) {missing}; it has {sorted(record)}")
 
 
+def example_name(example: Mapping[str, Any], position: int) -> str:
+    """How an error names an example: by its ``id`` when it has one, else by its 1-based place in the batch."""
+    return f"example {example['id']!r}" if "id" in example else f"example {position + 1} of the batch"
+
+
 def example_label(example: Mapping[str, Any], position: int) -> int:
     """The int ``label`` of an example at 0-based ``position`` in a batch, or a ``ValueError`` saying why not."""
-    name = f"example {example['id']!r}" if "id" in example else f"example {position + 1} of the batch"
+    name = example_name(example, position)
     if "label" not in example:
         raise ValueError(
             f"{name} has no 'label' key (it has {sorted(example)}); training and evaluation need an int label "

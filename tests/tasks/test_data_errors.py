@@ -131,3 +131,9 @@ def test_task_collate_without_label_is_a_value_error(tokenizer, make) -> None:
     example = {"text": "ab", "question": "q", "choices": ["a", "b"], "id": "e1"}
     with pytest.raises(ValueError, match=r"example 'e1' has no 'label' key"):
         make(tokenizer).collate([example])
+
+
+def test_a_label_past_the_choices_names_the_example(tokenizer) -> None:
+    example = {"question": "q", "choices": ["a", "b"], "label": 3, "id": "e2"}
+    with pytest.raises(ValueError, match=r"label 3 of example 'e2' is out of range for its 2 choices"):
+        ChoiceLikelihoodTask(tokenizer).collate([example])
