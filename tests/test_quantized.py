@@ -117,11 +117,17 @@ def test_merging_into_a_quantized_base_is_refused_and_leaves_it_intact(bits) -> 
     assert pyro_blora.adapted_layers(net)  # the adapters are still in place
 
 
-def test_a_4bit_layer_too_small_for_the_cpu_kernel_is_refused_before_training() -> None:
-    net = dense_net()
-    layer = bnb.nn.Linear4bit(N_FEATURES, 16, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(16, N_FEATURES), requires_grad=False, quant_type="nf4")
-    net[0], net[2] = layer.to("cpu"), nn.Linear(16, N_CLASSES)
-    with pytest.raises(ValueError, match=r"quantized layer '0' .*out_features=16.*divisible by 32"):
-        quick_fit(net)
-    assert not pyro_blora.adapted_layers(net)
+TOO_SMALL = [
+    (64, 16, r"in_features=64, out_features=16.*out_features divisible by 32"),
+    (16, 32, r"in_features=16, out_features=32, blocksize=64.*blocksize 64"),  # the old test shape
+]
+
+
+@pytest.mark.parametrize("in_features, out_features, broken", TOO_SMALL)
+def test_a_4bit_layer_too_small_for_the_cpu_kernel_is_refused_before_training(in_features, out_features, broken) -> None:
+    layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features), requires_grad=False, quant_type="nf4")
+    net = nn.Sequential(layer.to("cpu"), nn.ReLU(), nn.Linear(out_features, N_CLASSES))
+    with pytest.raises(ValueError, match=r"quantized layer '0' \(bitsandbytes Linear4bit, " + broken):
+        pyro_blora.inject_adapters(net, CONFIG)
+    assert not pyro_blora.adapted_layers(net)  # refused before anything was wrapped
