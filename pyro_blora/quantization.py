@@ -1,6 +1,6 @@
 """Checks on bitsandbytes-quantized base layers, made before any adapter is injected.
 
-bitsandbytes (0.46 to 0.50 tested) runs 4-bit layers on the CPU by repacking the
+bitsandbytes (0.50.2 tested) runs 4-bit layers on an AVX-512 BF16 CPU by repacking the
 weight for its AVX-512 BF16 kernel the first time the layer runs in inference
 mode. That repacking needs ``out_features`` divisible by 32 and ``in_features``
 divisible by the quantization blocksize (64 by default); smaller or odd layers
