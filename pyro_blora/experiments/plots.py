@@ -266,6 +266,8 @@ def uncertainty_histograms(
         ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))  # MI can be ~1e-4 nats
         ax.legend(fontsize=7, framealpha=0.9)
         ax.grid(alpha=0.25)
+    _caption(fig, "How to read: the shifted inputs (red) should sit to the right, more uncertain; "
+                  "AUROC 0.5 = no separation, 1 = perfect.")
     return _finish(fig, path)
 
 

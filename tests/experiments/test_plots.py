@@ -52,6 +52,7 @@ def test_reliability_diagram(tmp_path: Path, sample_probs: torch.Tensor, labels:
     assert len(fig.axes) == 4  # two methods x (diagram, histogram)
     ece = metrics.expected_calibration_error(map_probs, labels, 10)
     assert f"ECE = {100 * ece:.2f}%" in fig.axes[0].get_title()
+    assert "How to read" in fig.get_suptitle()
     _check_png(tmp_path / "reliability.png")
 
 
@@ -118,6 +119,7 @@ def test_uncertainty_histograms(tmp_path: Path, sample_probs: torch.Tensor) -> N
                                        path=tmp_path / "uncertainty.png")
     assert len(fig.axes) == 2
     assert "AUROC" in fig.axes[0].get_title()
+    assert "How to read" in fig.get_suptitle()
     _check_png(tmp_path / "uncertainty.png")
     with pytest.raises(ValueError, match="share no keys"):
         plots.uncertainty_histograms({"a": [1.0]}, {"b": [1.0]})
