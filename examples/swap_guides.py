@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     print(table)
     (args.output / "swap_guides.md").write_text(f"Drug reviews, test split ({len(data.test)} reviews)\n\n{table}\n")
     plots.reliability_diagram(reliability, path=args.output / "reliability.png")
-    fig = plots.posterior_marginals(q_u, dims=(0, 1, 2, 3))
+    fig = plots.posterior_marginals(q_u, dims=(0, 1, 2, 3), prior_sd=None)  # draws centred on each guide's mean
     fig.suptitle(f"q(U) - E_q[U], first entries of {site}")
     fig.savefig(args.output / "q_u_marginals.png", dpi=120, bbox_inches="tight")
     print(f"table and plots in {args.output}")

@@ -83,8 +83,9 @@ def load_fit_result(
             for key, value in tensors.items():
                 if current[key].shape != value.shape:
                     raise ValueError(
-                        f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)}; "
-                        "the adapter was trained on a different base model"
+                        f"{file}: {key}: saved shape {tuple(value.shape)} != model shape {tuple(current[key].shape)} "
+                        "built from adapter_config.json: the config and the tensors disagree (was r, an inducing size "
+                        "or target_modules edited?)" + ("" if check_base else ", or the base model differs")
                     )
                 current[key].copy_(value)
     model.eval()
@@ -95,9 +96,13 @@ def _check_base(meta: dict[str, Any], model: nn.Module) -> None:
     saved = meta["base_fingerprint"]
     now = fingerprint(model)
     if saved["shapes"] != now["shapes"]:
-        diff = [n for n in saved["shapes"] if now["shapes"].get(n) != saved["shapes"][n]][:3]
+        only_saved = sorted(set(saved["shapes"]) - set(now["shapes"]))[:3]
+        only_now = sorted(set(now["shapes"]) - set(saved["shapes"]))[:3]
+        reshaped = [f"{n} {saved['shapes'][n]} -> {now['shapes'][n]}" for n in saved["shapes"]
+                    if n in now["shapes"] and now["shapes"][n] != saved["shapes"][n]][:3]
         raise ValueError(
-            f"this adapter was trained on a base model with other adapted layers (first differences: {diff}); "
+            "this adapter was trained on a base model with other adapted layers (adapted then but not now: "
+            f"{only_saved}; adapted now but not then: {only_now}; other shapes: {reshaped}); "
             "load it onto the model it was trained on"
         )
     if saved["digest"] != now["digest"]:

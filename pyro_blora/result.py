@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence, U
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .tasks.base import Task
 
@@ -260,7 +261,8 @@ class FitResult:
         with self._eval_mode():
             if stack_samples:
                 self.model.set_adapter_weights(weights)
-            for batch in loader:
+            # a bar on a terminal only (tqdm's disable=None): long predictions show progress and an estimate
+            for batch in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
                 if stack_samples:
                     logits = self.task.class_logits(self.net, _repeat_batch(batch, samples))
                     logits = logits.reshape(samples, -1, logits.shape[-1])

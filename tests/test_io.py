@@ -213,3 +213,17 @@ def test_saved_files_and_checkpoints_follow_the_users_umask(tmp_path) -> None:
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files}
     wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
     assert wrong == {}
+
+
+def test_load_names_the_layers_that_differ_and_blames_an_edited_rank_on_the_config(saved, tmp_path) -> None:
+    _, folder, fresh = saved
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    edited = copy_folder(folder, tmp_path)
+    config["blora_config"]["r"] = 2
+    (edited / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"saved shape .* != model shape .*adapter_config.json: the config and the tensors disagree \(was r"):
+        pyro_blora.load(edited, copy.deepcopy(fresh))
+    narrowed = copy.deepcopy(fresh)
+    narrowed[2] = nn.Linear(32, 4)
+    with pytest.raises(ValueError, match=r"other shapes: \['2 \[3, 32\] -> \[4, 32\]'\]"):
+        pyro_blora.load(folder, narrowed)
