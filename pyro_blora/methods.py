@@ -85,8 +85,10 @@ class Method:
         load: ``load(path, model, task=, guide=, check_base=)`` for a folder the method's
             result saved; None for a plain Bayesian-LoRA adapter folder.
         display_name: how tables and plots name it.
-        benchmark_defaults: what the compare pipeline changes for it (ExperimentConfig fields).
+        benchmark_defaults: what the compare pipeline changes for it: option fields, or
+            :class:`~pyro_blora.config.BLoRAConfig` / :class:`~pyro_blora.config.TrainConfig` fields.
         bayesian_lora: a guide family of Bayesian-LoRA itself (not a baseline).
+        needs_validation: ``fit`` needs ``val_data`` (to tune a prior precision or a noise scale).
     """
 
     name: str
@@ -96,6 +98,7 @@ class Method:
     display_name: str = ""
     benchmark_defaults: Mapping[str, Any] = field(default_factory=dict)
     bayesian_lora: bool = False
+    needs_validation: bool = False
 
     def parse_options(self, value: Any) -> Any:
         """The method's options from a dict (the old ``guide_options``), None or a ready record."""

@@ -3,7 +3,7 @@
 The pipeline never branches on a method's name: a method's options type says
 which of the pipeline's guide settings (``scale_max``, ``flow``) it takes, and
 its ``benchmark_defaults`` say what the benchmark changes for it (MC dropout's
-rate, the ensemble's size, Laplace's need for the validation split).
+rate, the ensemble's size); the record's ``needs_validation`` says whether it gets the validation split.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ __all__ = ["MethodSetup", "check_methods", "method_records", "method_setup", "me
 
 # option field of a method -> the ExperimentConfig field that sets it
 PIPELINE_OPTIONS = {"scale_max": "scale_max", "transforms": "flow"}
-# a benchmark_defaults key that is a flag for the pipeline rather than an option or config field
-NEEDS_VALIDATION = "needs_validation"
 
 
 def method_records() -> dict[str, Any]:
@@ -68,19 +66,17 @@ def method_setup(cfg: "ExperimentConfig", method: str) -> MethodSetup:
     option_names = {f.name for f in dataclasses.fields(record.options)}
     config_names = {f.name for f in dataclasses.fields(BLoRAConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    setup = MethodSetup()
+    setup = MethodSetup(needs_validation=record.needs_validation)
     for key, value in record.benchmark_defaults.items():
-        if key == NEEDS_VALIDATION:
-            setup.needs_validation = bool(value)
-        elif key in option_names:
+        if key in option_names:
             setup.options[key] = value
         elif key in config_names:
             setup.config[key] = value
         elif key in train_names:
             setup.train[key] = value
         else:
-            raise ValueError(f"method {method!r}: benchmark_defaults key {key!r} is neither an option, "
-                             f"a BLoRAConfig or TrainConfig field, nor {NEEDS_VALIDATION!r}")
+            raise ValueError(f"method {method!r}: benchmark_defaults key {key!r} is neither an option "
+                             "nor a BLoRAConfig or TrainConfig field")
     for option, setting in PIPELINE_OPTIONS.items():
         if option in option_names:
             value = getattr(cfg, setting)
