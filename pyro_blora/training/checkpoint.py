@@ -295,11 +295,16 @@ def restore_checkpoint(
     the trainable tensors differ from the checkpointed ones.
     """
     saved_run = checkpoint.meta["run"]
-    changed = {k: (saved_run.get(k), v) for k, v in run.items() if saved_run.get(k) != v}
+    # a setting an older checkpoint did not record (batch_size) cannot be compared, so it is not
+    changed = {k: (saved_run.get(k), v) for k, v in run.items() if k in saved_run and saved_run[k] != v}
     if changed:
+        names = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        hint = ""
+        if "steps_per_epoch" in changed and "batch_size" not in changed and "num_data" not in changed:
+            hint = " (steps_per_epoch follows batch_size and the number of processes: was one of them changed?)"
         raise ValueError(
-            f"cannot resume from {checkpoint.path}: the run differs from the checkpointed one "
-            f"(setting: (checkpoint, now)) {changed}; resume with the same data and TrainConfig"
+            f"cannot resume from {checkpoint.path}: this run differs from the checkpointed one in {names}{hint}; "
+            "resume with the same data and TrainConfig"
         )
     current = result.trainable_state()
     missing, unexpected = sorted(set(current) - set(checkpoint.trainable)), sorted(set(checkpoint.trainable) - set(current))

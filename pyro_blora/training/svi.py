@@ -294,6 +294,7 @@ def fit_svi(
         )
     result = FitResult(bayes_model, bayes_guide, config, train, task)
     meta = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
+            "batch_size": train.batch_size,
             "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}
     _run_loop(result, scale, loader, meta, val_data, callbacks, resume_from)
     return result

@@ -216,3 +216,13 @@ def test_train_config_checks_checkpoint_options() -> None:
     with pytest.raises(ValueError, match="checkpoint_every"):
         pyro_blora.TrainConfig(checkpoint_every=0, checkpoint_dir="x")
     assert pyro_blora.TrainConfig(checkpoint_dir=Path("x")).checkpoint_dir == "x"
+
+
+def test_resuming_with_another_batch_size_names_it(tmp_path) -> None:
+    from toy import make_config, make_data, make_net
+
+    options = dict(num_steps=4, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    pyro_blora.fit(make_net(), make_data(), "delta", config=make_config(), batch_size=8, **options)
+    with pytest.raises(ValueError, match=r"differs from the checkpointed one in .*batch_size 8 -> 4"):
+        pyro_blora.fit(make_net(), make_data(), "delta", config=make_config(), batch_size=4, resume_from=tmp_path,
+                       **options)
