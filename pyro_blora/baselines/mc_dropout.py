@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.config import BLoRAConfig, config_from_dict
 from pyro_blora.inject import adapted_layers
@@ -35,7 +33,6 @@ from pyro_blora.methods import FitRequest, Method, register_method
 from pyro_blora.restore import load_fit_result
 from pyro_blora.result import FitResult
 from pyro_blora.training.svi import fit_svi
-from pyro_blora.tasks.base import Task
 
 __all__ = ["MCDropoutOptions", "MCDropoutResult", "fit_mc_dropout", "load_mc_dropout", "DEFAULT_DROPOUT"]
 

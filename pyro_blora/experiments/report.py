@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from safetensors.torch import load_file
 
 from pyro_blora.experiments import plots

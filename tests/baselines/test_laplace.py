@@ -254,3 +254,13 @@ def test_logits_that_are_not_linear_in_the_head_are_refused() -> None:
     with pytest.raises(ValueError, match="task's logits differ from the head's outputs.*not linear"):
         pyro_blora.fit(net, blobs(6, 0), guide="laplace", config=config, guide_options={"prior_precision": 1.0},
                        num_steps=1, progress=False)
+
+
+def test_a_laplace_folder_of_another_format_is_named(tmp_path) -> None:
+    import json
+
+    from pyro_blora.baselines.laplace.posterior import load_laplace
+
+    (tmp_path / "method.json").write_text(json.dumps({"method": "laplace", "format_version": 99}))
+    with pytest.raises(ValueError, match=r"method.json is not a last-layer Laplace result of format 1"):
+        load_laplace(tmp_path, None)

@@ -45,15 +45,13 @@ modules are given, ``BLoRAConfig.bayesian_modules`` selects which get a Gaussian
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.baselines.blob.guide import BLoBGuide
 from pyro_blora.baselines.blob.layer import BLoBLinear

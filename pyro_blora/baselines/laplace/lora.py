@@ -26,7 +26,7 @@ requiring grad. Plain (non-Bayesian) LoRA layers stay at MAP. Needs the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn

@@ -46,7 +46,7 @@ from pyro_blora.baselines.laplace.curvature import (
     predictive_sample_probs,
 )
 from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head
-from pyro_blora.io import atomic_write, read_method_file, write_method_file
+from pyro_blora.io import METHOD_FILE, atomic_write, read_method_file, write_method_file
 from pyro_blora.io import save as save_adapter
 from pyro_blora.methods import FitRequest, Method, register_method
 from pyro_blora.restore import load_fit_result
