@@ -79,12 +79,13 @@ def _add_experiment_options(parser: argparse.ArgumentParser, exclude: Sequence[s
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-blora`` parser: compare, fit, evaluate, plot."""
-    from pyro_blora.experiments.method_setup import methods_help
+    from pyro_blora.experiments.method_setup import methods_help, methods_options_help
 
     parser = _Parser(prog="pyro-blora", description="Bayesian-LoRA on Pyro: calibrated fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    compare = commands.add_parser("compare", help="fit several methods on one task and print one table")
-    fit = commands.add_parser("fit", help="fit one method on a task")
+    listing = {"epilog": methods_options_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+    compare = commands.add_parser("compare", help="fit several methods on one task and print one table", **listing)
+    fit = commands.add_parser("fit", help="fit one method on a task", **listing)
     evaluate = commands.add_parser("evaluate", help="evaluate a saved adapter (or the base model) on a task")
     plot = commands.add_parser("plot", help="redraw the plots of a compare/fit output folder")
     for sub in (compare, fit, evaluate):

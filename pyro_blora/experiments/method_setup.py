@@ -17,7 +17,7 @@ from pyro_blora.config import BLoRAConfig, TrainConfig
 if TYPE_CHECKING:
     from pyro_blora.experiments.settings import ExperimentConfig
 
-__all__ = ["MethodSetup", "check_methods", "method_records", "method_setup", "methods_help"]
+__all__ = ["MethodSetup", "check_methods", "method_records", "method_setup", "methods_help", "methods_options_help"]
 
 # option field of a method -> the ExperimentConfig field that sets it
 PIPELINE_OPTIONS = {"scale_max": "scale_max", "transforms": "flow"}
@@ -44,6 +44,16 @@ def check_methods(names: list[str]) -> None:
 def methods_help() -> str:
     """``name (display name)`` for each method, for ``--help``."""
     return ", ".join(f"{name} ({record.display_name or name})" for name, record in method_records().items())
+
+
+def methods_options_help() -> str:
+    """Every method's options with their help text (the records' dataclass metadata), for ``--help`` epilogs."""
+    lines = ["methods and their options (in Python: pyro_blora.fit(..., guide=NAME, guide_options={...})):"]
+    for name, record in method_records().items():
+        options = record.option_help()
+        lines.append(f"  {name} ({record.display_name or name}){':' if options else ': no options'}")
+        lines += [f"      {key}: {text}" for key, text in options.items()]
+    return "\n".join(lines)
 
 
 @dataclass

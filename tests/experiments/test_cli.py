@@ -68,3 +68,17 @@ def test_compare_evaluate_plot_end_to_end(tmp_path, capsys):
     assert json.loads(captured.out)["test"]["num_examples"] == 6 and "warning" not in captured.err
     assert main(["plot", "--output", str(out)]) == 0
     assert "posterior_predictive_flow.png" in capsys.readouterr().out
+
+
+def test_compare_help_lists_every_method_with_its_options(capsys) -> None:
+    from pyro_blora.methods import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "methods and their options" in out
+    for name, record in METHODS.items():
+        if record.fit is not None:
+            assert f"  {name} (" in out
+            for option in record.option_help():
+                assert f"      {option}: " in out
