@@ -8,9 +8,10 @@ A saved folder holds
 * ``adapter_model.safetensors``: adapter parameters (``net.<layer>.<param>``)
   and guide state (``guide.<key>``).
 
-:func:`load` injects the same adapters into a fresh base model, rebuilds the
-guide and restores every tensor, refusing a base model whose adapted layers
-differ in shape or weights from the one the adapter was trained on.
+This module holds the file format and its helpers only (it imports no result
+type); :func:`pyro_blora.restore.load_fit_result` injects the same adapters into
+a fresh base model, rebuilds the guide and restores every tensor, refusing a
+base model whose adapted layers differ in shape or weights from the training one.
 """
 
 from __future__ import annotations

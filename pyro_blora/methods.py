@@ -49,10 +49,6 @@ class FitRequest:
         return dict(task=self.task, config=self.config, val_data=self.val_data, callbacks=self.callbacks,
                     resume_from=self.resume_from, **self.train)
 
-    def with_train(self, **changes: Any) -> "FitRequest":
-        """The same request with some training options changed."""
-        return dataclasses.replace(self, train={**self.train, **changes})
-
 
 def parse_options(options_type: type, value: Any, method: str) -> Any:
     """``value`` (None, a dict, or already an ``options_type``) as an ``options_type``; unknown keys are named."""
@@ -89,6 +85,7 @@ class Method:
             :class:`~pyro_blora.config.BLoRAConfig` / :class:`~pyro_blora.config.TrainConfig` fields.
         bayesian_lora: a guide family of Bayesian-LoRA itself (not a baseline).
         needs_validation: ``fit`` needs ``val_data`` (to tune a prior precision or a noise scale).
+        ensemble_member: a deep ensemble may train its members with it (every Bayesian-LoRA family may).
     """
 
     name: str
@@ -99,6 +96,7 @@ class Method:
     benchmark_defaults: Mapping[str, Any] = field(default_factory=dict)
     bayesian_lora: bool = False
     needs_validation: bool = False
+    ensemble_member: bool = False
 
     def parse_options(self, value: Any) -> Any:
         """The method's options from a dict (the old ``guide_options``), None or a ready record."""

@@ -296,7 +296,7 @@ class EnsembleOptions:
 
 def _member_method(name: str) -> Method:
     """The registry record the members are trained with: a Bayesian-LoRA family or MC dropout, never another ensemble."""
-    if name in METHODS and not METHODS[name].bayesian_lora and name != "mc_dropout":
+    if name in METHODS and not (METHODS[name].bayesian_lora or METHODS[name].ensemble_member):
         raise ValueError(f"ensemble members cannot be {name!r}; use a guide family (delta, normal, mvn, flow) or 'mc_dropout'")
     return get_method(name)
 
