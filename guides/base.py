@@ -66,6 +66,10 @@ class InducingGuide(nn.Module):
         learn_lambda: keep a learnable ``lambda`` (False fixes ``lambda = 0``, the MAP limit).
     """
 
+    point_mass: bool = False
+    """True for a family without entropy (MAP): the empirical-Bayes prior gain is then not learned, since
+    ``log p(U_w)`` alone is maximised by ``g -> infinity``, ``U_w -> 0``."""
+
     def __init__(self, site: InducingSite, learn_lambda: bool = True):
         super().__init__()
         self.site = site

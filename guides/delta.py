@@ -24,6 +24,8 @@ __all__ = ["DeltaGuide"]
 class DeltaGuide(InducingGuide):
     """MAP point mass over the inducing site."""
 
+    point_mass = True
+
     def __init__(self, site: InducingSite):
         super().__init__(site, learn_lambda=False)
         self.loc = initial_loc(site)

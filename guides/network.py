@@ -95,9 +95,8 @@ class BayesianLoRAGuide(nn.Module):
         **options: Any,
     ):
         super().__init__()
+        # no factors (bayesian_modules=[]): a guide of nothing, so that plain LoRA trains by the same loop
         factors = list(factors)
-        if not factors:
-            raise ValueError("the model has no Bayesian factors to guide; check target_modules / bayesian_modules")
         build = guide_factory(family, **options)
         self.family_name = family if isinstance(family, str) else getattr(family, "__name__", type(family).__name__)
         self.options = dict(options)
@@ -119,6 +118,11 @@ class BayesianLoRAGuide(nn.Module):
         # A plain list: the factors' parameters belong to the model, not to the guide.
         self._factors = factors
 
+    @property
+    def point_mass(self) -> bool:
+        """Whether any site's family is a point mass (see :attr:`InducingGuide.point_mass`)."""
+        return any(family.point_mass for family in self.sites.values())
+
     def site_guide(self, factor_name: str) -> InducingGuide:
         return self.sites[_key(factor_name)]
 
@@ -133,7 +137,9 @@ class BayesianLoRAGuide(nn.Module):
         """Sample every ``U`` and ``W`` site; return the ``W`` draws by site name."""
         factors = self._factors
         families = self._families()
-        draws = {}
+        draws: dict[str, Tensor] = {}
+        if not factors:
+            return draws
         # Everything is drawn ahead, batched across factors (kernel geometry, q(U), lambda,
         # W | U), then handed to one Pyro site per factor; the geometry is shared with the
         # model inside fit's block. A site whose U a handler replaced (replay, condition)
@@ -160,6 +166,8 @@ class BayesianLoRAGuide(nn.Module):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not self._factors:
+            return {}
         factors = self._factors * num_samples
         families = self._families() * num_samples
         with shared_geometry(f.prior for f in self._factors):

@@ -58,7 +58,7 @@ class InducingFactor(nn.Module):
         self.shape = (rows, cols)
         self.prior: InducingPrior = build_prior(config.prior, rows, cols, config, name)
         self.scale = config.prior_sd / math.sqrt(cols)
-        self.lambda_prior = config.lambda_prior
+        self.lambda_prior = config.conditional_prior_scale
 
     @property
     def site_u(self) -> str:
@@ -79,12 +79,27 @@ class InducingFactor(nn.Module):
         return InducingConditional(geometry, inducing, self.scale, lam, source=u_value)
 
     def model(self) -> Tensor:
-        """Sample ``U`` from the prior and ``W | U`` (``lambda = lambda_prior``, 1 by default); return ``W``."""
+        """Sample ``U`` from the prior and ``W | U`` (``lambda = lambda_p``, ``lambda_max`` by default); return ``W``."""
         geometry = self.prior.geometry()
         u_value = pyro.sample(self.site_u, self.prior.site_distribution(geometry))
         # U and the mean are built lazily: a replayed ELBO evaluation needs neither.
         inducing = lambda: self.prior.inducing_matrix(u_value, geometry)  # noqa: E731
         return pyro.sample(self.site_w, InducingConditional(geometry, inducing, self.scale, self.lambda_prior, source=u_value))
+
+    @torch.no_grad()
+    def mean_share(self, draws: int = 32) -> float:
+        """Per-entry ``E_p[(T_r U T_c)_{ij}^2]``: the share of the unit prior variance that ``U`` carries.
+
+        For the whitened GP prior it is ``tr(Q_r) tr(Q_c) / (rows cols)``, ``Q = Z^T K^{-1} Z``, about
+        ``m_r m_c / (4 rows cols)`` at initialisation; estimated from ``draws`` prior draws (seeded, the
+        global RNG untouched) so that it holds for any :class:`InducingPrior`.
+        """
+        geometry = self.prior.geometry()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            values = self.prior.site_distribution(geometry).sample((draws,))
+        mean = geometry.conditional_mean(self.prior.inducing_matrix(values, geometry))
+        return float(mean.pow(2).mean())
 
 
 RowRef = Optional[tuple[Tensor, int]]
@@ -167,6 +182,14 @@ class BayesianLoRALinear(nn.Module):
         if bayesian:
             self.lora_A = InducingFactor(f"{name}.lora_A", config.r, self.in_features, config).to(**kw)
             self.lora_B = InducingFactor(f"{name}.lora_B", self.out_features, config.r, config).to(**kw)
+            if config.prior_scale == "empirical_bayes":
+                # log g, a hyperparameter of the prior fitted by the ELBO. It starts where U's part of the
+                # prior has the variance s^2 of the full prior per entry (in each factor): the inducing
+                # subspace alone carries a share m_r m_c / (4 rows cols) of it, so with g = 1 the mean
+                # that a few hundred examples can afford stays near zero (the inert-adapter failure).
+                meta = weight.device.type == "meta"  # shape-only models (parameter counts) have no values
+                share = 1.0 if meta else self.lora_A.mean_share() * self.lora_B.mean_share()
+                self.lora_prior_log_gain = nn.Parameter(torch.tensor(-0.5 * math.log(share), **kw))
         else:
             self.lora_A_weight = nn.Parameter(torch.empty(config.r, self.in_features, **kw))
             nn.init.kaiming_uniform_(self.lora_A_weight, a=math.sqrt(5))
@@ -202,7 +225,24 @@ class BayesianLoRALinear(nn.Module):
     def clear_adapter_weights(self) -> None:
         self._sampled = None
 
+    def prior_gain(self) -> Tensor | float:
+        """``g``, the empirical-Bayes gain of the prior's output scale (1.0 for ``prior_scale="fixed"``)."""
+        log_gain = getattr(self, "lora_prior_log_gain", None)
+        return 1.0 if log_gain is None else log_gain.exp()
+
+    @property
+    def update_scale(self) -> Tensor | float:
+        """The factor of ``B A x`` in the forward: ``(alpha / r) g``, with ``g`` = :meth:`prior_gain`."""
+        gain = self.prior_gain()
+        return self.scaling if isinstance(gain, float) else self.scaling * gain
+
+    def effective_weights(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Factors ``(g A, B)`` whose product times ``alpha / r`` is the update of draws ``(A, B)`` (peft's view)."""
+        gain = self.prior_gain()
+        return (a, b) if isinstance(gain, float) else (a * gain.to(a.dtype), b)
+
     def adapter_weights(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of the next forwards: a point layer's parameters, else the draw set last."""
         if not self.bayesian:
             return self.lora_A_weight, self.lora_B_weight
         if self._sampled is None:
@@ -228,7 +268,7 @@ class BayesianLoRALinear(nn.Module):
             # B is stacked with A, except where only A is random (BLoB keeps B a point estimate)
             delta = torch.bmm(projected, b.transpose(1, 2)) if b.dim() == 3 else projected @ b.T
             delta = delta.reshape(*x.shape[:-1], self.out_features)
-        return out + (self.scaling * delta).to(out.dtype)
+        return out + (self.update_scale * delta).to(out.dtype)
 
     def _project(self, h: Tensor, a: Tensor) -> Tensor:
         """``h A^T`` for one (unstacked) draw of A; subclasses may estimate it otherwise (BLoB: Flipout)."""

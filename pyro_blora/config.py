@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Union
 __all__ = ["BLoRAConfig", "TrainConfig", "config_from_dict"]
 
 TargetModules = Union[list[str], str]
+PRIOR_SCALES = ("empirical_bayes", "fixed")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -33,8 +34,8 @@ class BLoRAConfig:
         factory=lambda: ["q_proj", "v_proj"],
     )
     bayesian_modules: Optional[TargetModules] = _help(
-        "Which targeted modules get Bayesian factors (same syntax); None = all of them. "
-        "The others get plain LoRA factors trained as point estimates.",
+        "Which targeted modules get Bayesian factors (same syntax); None = all of them, [] = none (plain LoRA "
+        "everywhere, what a peft user trains). The others get plain LoRA factors trained as point estimates.",
         None,
     )
     r: int = _help("LoRA rank.", 8)
@@ -47,10 +48,20 @@ class BLoRAConfig:
     prior_sd: float = _help("Prior sd numerator: W = s (T_r U T_c + lambda noise), s = prior_sd / sqrt(fan_in).", 0.1)
     lambda_init: float = _help("Initial conditional noise scale lambda of q(W | U).", 1e-3)
     lambda_max: float = _help("Upper bound of lambda (a smooth cap, lambda = max * sigmoid(rho)).", 0.03)
-    lambda_prior: float = _help(
-        "lambda_p of the prior p(W | U) = N(s T_r U T_c, s^2 lambda_p^2 Sigma). The released code's 1.0 makes "
-        "KL(q(W|U) || p(W|U)) about 3 nats per weight entry at lambda_q = 0.03, a constant that hides the rest of the "
-        "KL; lambda_p = lambda_max makes that term 0 for q at its cap.", 1.0,
+    lambda_prior: Optional[float] = _help(
+        "lambda_p of the prior p(W | U) = N(s T_r U T_c, s^2 lambda_p^2 Sigma); None = lambda_max. "
+        "KL(q(W|U) || p(W|U)) = d_out d_in (r^2 / 2 - log r - 1/2), r = lambda_q / lambda_p, is minimised over "
+        "lambda_p at lambda_p = lambda_q (its empirical-Bayes value), and the largest lambda_q allowed is "
+        "lambda_max: so lambda_p = lambda_max costs 0 nats at the cap and d_out d_in log(lambda_max / lambda_q) "
+        "below it, a KL that says how far q left the prior. The released code's 1.0 adds a constant of about "
+        "3 nats per weight entry at lambda_q = 0.03 that hides the rest of the KL.", None,
+    )
+    prior_scale: str = _help(
+        "'empirical_bayes': each Bayesian layer learns a gain g on its prior's output scale (type-II maximum "
+        "likelihood: the update's prior is g s_A s_B (T U_B T)(T U_A T), and g maximises the ELBO, as a kernel's "
+        "outputscale in a GP; a point-mass guide, delta, keeps g = 1, since without q's entropy the optimum is "
+        "g -> infinity); 'fixed': g = 1, the released code's constant s = prior_sd / sqrt(fan_in), whose "
+        "inducing-subspace mean is too small for a few hundred examples to move.", "empirical_bayes",
     )
     jitter: float = _help("Relative diagonal jitter added when a kernel Cholesky fails.", 1e-6)
 
@@ -61,6 +72,8 @@ class BLoRAConfig:
             value = getattr(self, name)
             if value is None and name == "bayesian_modules":
                 continue
+            if name == "bayesian_modules" and isinstance(value, list) and not value:
+                continue  # no Bayesian module: every target is a plain LoRA layer (a peft-style MAP LoRA)
             if isinstance(value, str):
                 if not value:
                     raise ValueError(f"{name} is an empty string; give a regex or a list of module names")
@@ -81,8 +94,20 @@ class BLoRAConfig:
             0 < self.lambda_init < self.lambda_max,
             f"lambda_init must be in (0, lambda_max={self.lambda_max}), got {self.lambda_init!r}",
         )
-        _check(self.lambda_prior > 0, f"lambda_prior must be positive, got {self.lambda_prior!r}")
+        _check(
+            self.lambda_prior is None or self.lambda_prior > 0,
+            f"lambda_prior must be positive or None (= lambda_max), got {self.lambda_prior!r}",
+        )
+        _check(
+            self.prior_scale in PRIOR_SCALES,
+            f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, got {self.prior_scale!r}",
+        )
         _check(0 < self.jitter < 1, f"jitter must be in (0, 1), got {self.jitter!r}")
+
+    @property
+    def conditional_prior_scale(self) -> float:
+        """``lambda_p``: :attr:`lambda_prior`, or :attr:`lambda_max` where that is None."""
+        return self.lambda_max if self.lambda_prior is None else float(self.lambda_prior)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; a prior given as a class is stored by its qualified name."""
@@ -99,12 +124,15 @@ class TrainConfig:
     The objective per step is the minibatch ELBO with the likelihood scaled by
     ``N / B`` and every KL term (latent site) scaled by ``beta_t``::
 
-        loss = (N / B) sum_batch -log p(y | x, W) + beta_t * KL(q || p),
-        beta_t = kl_weight * min(1, (t + 1) / kl_warmup_steps).
+        loss = (N / B) sum_batch [CE_eps(y, x, W) - entropy_bonus * H(p(. | x, W))] + beta_t * KL(q || p),
+        beta_t = 0 for t < kl_start * T, else kl_weight * min(1, (t + 1 - kl_start T) / kl_warmup_steps),
 
-    ``kl_weight = 1`` is the proper ELBO. The released Bayesian-LoRA code uses the
-    mean cross-entropy plus ``0.1 * KL / batches_per_epoch``, which is
-    ``kl_weight = 0.1 * batch_size`` in these units.
+    with ``CE_eps`` the cross-entropy with label smoothing ``eps`` (``-log p(y | x, W)``
+    at ``eps = 0``). ``kl_weight = 1``, ``label_smoothing = entropy_bonus = kl_start = 0``
+    is the proper ELBO (the ``"proper"`` preset, :mod:`pyro_blora.training.presets`).
+    The released Bayesian-LoRA code uses the mean cross-entropy plus
+    ``0.1 * KL / batches_per_epoch``, which is ``kl_weight = 0.1 * batch_size`` in
+    these units (the ``"paper"`` preset).
     """
 
     num_steps: Optional[int] = _help("Optimiser steps; if None, epochs * batches per epoch.", None)
@@ -118,11 +146,26 @@ class TrainConfig:
     variance_lr_multiplier: float = _help(
         "Learning-rate multiplier of the posterior's scale parameters (sigma of q(U), lambda); no weight decay.", 10.0
     )
-    schedule: str = _help("Learning-rate schedule: constant | linear | cosine.", "cosine")
+    schedule: str = _help(
+        "Learning-rate schedule: constant | linear | cosine | step (x0.1 at 1/3 and 2/3 of the steps: the released "
+        "code's MultiStepLR at epochs 2 and 4 of 6).", "cosine",
+    )
     warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
     max_grad_norm: Optional[float] = _help("Clip the global gradient norm (None: no clipping).", 1.0)
     kl_weight: float = _help("beta: weight of the KL terms (1 = proper ELBO).", 1.0)
     kl_warmup: float = _help("Fraction of the steps over which beta ramps linearly up to kl_weight.", 0.2)
+    kl_start: float = _help(
+        "Fraction of the steps trained with beta = 0 before the KL (and its warm-up) starts; the released code "
+        "switches the KL on at epoch 2 of 6 (1/6).", 0.0,
+    )
+    label_smoothing: float = _help(
+        "Label smoothing eps of the training cross-entropy (torch's definition; the released code: 0.05). "
+        "Not part of the ELBO: a tempered likelihood.", 0.0,
+    )
+    entropy_bonus: float = _help(
+        "Weight of the predictive-entropy bonus subtracted from the per-example loss (the released code: 0.05). "
+        "Not part of the ELBO.", 0.0,
+    )
     num_particles: int = _help("Posterior samples per ELBO estimate.", 1)
     eval_every: Optional[int] = _help("Evaluate on the validation data every this many steps.", None)
     early_stopping_patience: Optional[int] = _help(
@@ -160,8 +203,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(self.variance_lr_multiplier > 0, f"variance_lr_multiplier must be positive, got {self.variance_lr_multiplier!r}")
         _check(
-            self.schedule in ("constant", "linear", "cosine"),
-            f"schedule must be one of constant, linear, cosine; got {self.schedule!r}",
+            self.schedule in ("constant", "linear", "cosine", "step"),
+            f"schedule must be one of constant, linear, cosine, step; got {self.schedule!r}",
         )
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         _check(
@@ -175,6 +218,9 @@ class TrainConfig:
         )
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(0 <= self.kl_warmup <= 1, f"kl_warmup must be a fraction in [0, 1], got {self.kl_warmup!r}")
+        _check(0 <= self.kl_start < 1, f"kl_start must be a fraction in [0, 1), got {self.kl_start!r}")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        _check(self.entropy_bonus >= 0, f"entropy_bonus must be >= 0, got {self.entropy_bonus!r}")
         _check(self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles!r}")
         _check(
             self.checkpoint_every is None or (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1),

@@ -80,7 +80,7 @@ def inject_adapters(
     check_quantized_layers(model, targets)
     if config.bayesian_modules is not None:
         bayesian = {name for name in targets if matches(name, config.bayesian_modules)}
-        if not bayesian:
+        if not bayesian and config.bayesian_modules:  # [] asks for plain LoRA everywhere
             raise ValueError(
                 f"bayesian_modules {config.bayesian_modules!r} matched none of the targeted modules "
                 f"{_suffix_summary(targets)}; use None to make all of them Bayesian"

@@ -69,7 +69,8 @@ def posterior_mean_weights(result: FitResult, num_samples: int = 256, seed: Opti
     out = {}
     for layer in result.model.layers:
         if layer.bayesian:
-            out[layer.layer_name] = (means[layer.lora_A.site_w].detach(), means[layer.lora_B.site_w].detach())
+            a, b = layer.effective_weights(means[layer.lora_A.site_w], means[layer.lora_B.site_w])
+            out[layer.layer_name] = (a.detach(), b.detach())
         else:
             out[layer.layer_name] = (layer.lora_A_weight.detach(), layer.lora_B_weight.detach())
     return out
@@ -310,6 +311,7 @@ def initialise_from_peft(
             continue
         if result is None:
             raise TypeError(f"{name} is Bayesian: pass the FitResult (its guide holds the factors' posterior)")
+        a = a / float(layer.prior_gain())  # the forward multiplies A's draws by the prior gain g
         for factor, target in ((layer.lora_A, a), (layer.lora_B, b)):
             if align_inducing:
                 align_inducing_inputs(factor, target)

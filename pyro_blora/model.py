@@ -70,6 +70,9 @@ class BayesianLoRAModel(nn.Module):
         # Context of the network forward only (fit sets bf16 autocast here, see pyro_blora.training.distributed):
         # the adapters' sampling, the prior and the KL stay outside it, in full precision.
         self.network_precision: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+        # the training objective's tempering (TrainConfig.label_smoothing, entropy_bonus); 0, 0 = the likelihood
+        self.label_smoothing = 0.0
+        self.entropy_bonus = 0.0
 
     @property
     def last_nll(self) -> float:
@@ -103,5 +106,20 @@ class BayesianLoRAModel(nn.Module):
         with torch.no_grad():
             self.particle_nll.append(F.cross_entropy(logits.float(), labels))
         with pyro.plate("data", self.num_data, subsample=torch.arange(len(labels), device=logits.device)):
-            pyro.sample("labels", dist.Categorical(logits=logits), obs=labels)
+            if self.label_smoothing == 0 and self.entropy_bonus == 0:
+                pyro.sample("labels", dist.Categorical(logits=logits), obs=labels)
+            else:
+                pyro.factor("labels", -self.example_loss(logits, labels))
         return logits
+
+    def example_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-example ``CE_eps(y) - entropy_bonus * H(softmax(logits))``: the tempered objective's data term.
+
+        With ``eps = label_smoothing``, ``CE_eps = -(1 - eps) log p_y - (eps / K) sum_k log p_k``
+        (:func:`torch.nn.functional.cross_entropy`'s ``label_smoothing``, as the released code uses).
+        """
+        loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
+        if self.entropy_bonus:
+            log_p = F.log_softmax(logits, dim=-1)
+            loss = loss + self.entropy_bonus * (log_p.exp() * log_p).sum(-1)
+        return loss

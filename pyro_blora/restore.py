@@ -27,6 +27,10 @@ from pyro_blora.tasks.base import Task, TensorTask
 __all__ = ["load_fit_result"]
 
 
+_LEGACY_DEFAULTS = {"prior_scale": "fixed", "lambda_prior": 1.0}
+"""Settings of adapters saved before these options existed: what the code that wrote them did."""
+
+
 def load_fit_result(
     path: str | os.PathLike,
     model: nn.Module,
@@ -52,7 +56,7 @@ def load_fit_result(
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file} could not be read (truncated or corrupted?): {err}") from err
 
-    config = config_from_dict(BLoRAConfig, meta["blora_config"])
+    config = config_from_dict(BLoRAConfig, {**_LEGACY_DEFAULTS, **meta["blora_config"]})
     if not isinstance(config.prior, str) or "." in config.prior:
         raise ValueError(f"the adapter used a custom prior {config.prior!r}; pass BLoRAConfig.prior to inject it yourself")
     if adapted_layers(model):

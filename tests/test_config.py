@@ -16,7 +16,6 @@ BLORA_INVALID = [
     ("target_modules", ["q_proj", 3], "target_modules must be a non-empty list"),
     ("target_modules", 3, "target_modules must be"),
     ("bayesian_modules", "", "bayesian_modules is an empty string"),
-    ("bayesian_modules", [], "bayesian_modules must be a non-empty list"),
     ("r", 0, "r must be an integer >= 1"),
     ("r", -2, "r must be an integer >= 1"),
     ("r", 2.0, "r must be an integer >= 1"),

@@ -28,7 +28,7 @@ def data() -> list[dict]:
 @pytest.fixture(scope="module")
 def dead(data: list[dict]) -> Any:
     """Layer "0" Bayesian with its B means zeroed, layer "2" plain LoRA: the plain path carries the fit."""
-    result = pyro_blora.fit(make_net(), data, "normal", config=make_config(bayesian_modules=["0"]), num_steps=20,
+    result = pyro_blora.fit(make_net(), data, "normal", config=make_config(bayesian_modules=["0"], prior_scale="fixed"), num_steps=20,
                             batch_size=8, lr=1e-2, progress=False)
     with torch.no_grad():
         result.guide.site_guide("0.lora_B").loc.zero_()

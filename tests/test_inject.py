@@ -200,3 +200,14 @@ def test_conv1d_is_adapted_with_its_transposed_shape() -> None:
     layer.set_adapter_weights(torch.zeros(2, 4), torch.zeros(12, 2))
     x = torch.randn(3, 4)
     torch.testing.assert_close(block.c_attn(x), layer.base(x))
+
+
+def test_no_bayesian_module_gives_plain_lora_everywhere_and_a_guide_of_nothing() -> None:
+    """``bayesian_modules=[]``: what a peft user trains, by the same loop (the MAP baseline of the benchmark)."""
+    import pyro_blora
+    from toy import make_config, make_data, make_net
+
+    result = pyro_blora.fit(make_net(), make_data(), "delta", config=make_config(bayesian_modules=[]), num_steps=3,
+                            progress=False)
+    assert not any(layer.bayesian for layer in result.model.layers) and not result.model.factors
+    assert result.guide.sample_weights(2) == {} and result.predict(make_data(4)).probs.shape == (4, 3)

@@ -172,10 +172,13 @@ class EnsembleResult(WrappedPosterior):
     def can_stack(self) -> bool:
         """Whether the members can share one forward: every adapted layer Bayesian, a plain guide-sampling result.
 
-        A plain LoRA layer reads its own parameters, not stacked draws, and a
-        result type with its own ``predict`` (e.g. MC dropout) is swapped member by member.
+        A plain LoRA layer reads its own parameters, not stacked draws, and so does the
+        prior's empirical-Bayes gain; a result type with its own ``predict`` (e.g. MC dropout) is swapped member by member.
         """
-        return type(self.template) is FitResult and all(layer.bayesian for layer in self.model.layers)
+        # a learned prior gain (BLoRAConfig.prior_scale) is a layer parameter, one per member: not stackable
+        return type(self.template) is FitResult and all(
+            layer.bayesian and getattr(layer, "lora_prior_log_gain", None) is None for layer in self.model.layers
+        )
 
     @torch.no_grad()
     def predict(
@@ -360,5 +363,5 @@ def fit_ensemble(model: nn.Module, data: Data, request: FitRequest, options: Ens
 
 register_method(Method(
     "ensemble", fit_ensemble, EnsembleOptions, load=load_ensemble, display_name="deep ensemble",
-    benchmark_defaults={"size": DEFAULT_SIZE},
+    benchmark_defaults={"size": DEFAULT_SIZE}, point_estimate=True,
 ))

@@ -67,31 +67,48 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
             return max(0.0, 1.0 - progress)
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "step":
+            return 0.1 ** sum(progress >= milestone for milestone in (1 / 3, 2 / 3))
         return 1.0
 
     return factor
 
 
+def kl_beta(train: TrainConfig, step: int, total: int) -> float:
+    """``beta_t`` of step ``step`` of ``total`` (see :class:`~pyro_blora.config.TrainConfig`)."""
+    start = round(train.kl_start * total)
+    if step < start:
+        return 0.0
+    warmup = max(1, round(train.kl_warmup * total))
+    return train.kl_weight * min(1.0, (step + 1 - start) / warmup)
+
+
 def _param_groups(modules: Iterable[nn.Module], train: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: every trainable parameter, with the unconstrained scales (``*_rho``) apart.
+    """AdamW groups: every trainable parameter, with the unconstrained scales (``*_rho``) and the prior's
+    empirical-Bayes gains (``lora_prior_log_gain``) apart.
 
     Scales are ``cap * sigmoid(rho)`` and start far below their caps (sigma of
     q(U) at 1e-3 of 0.1, lambda at 1e-3 of 0.03); Adam moves ``rho`` by about the
     learning rate per step, so at the weights' learning rate the posterior width
     would barely move within a short fine-tuning run. They get
-    ``lr * variance_lr_multiplier`` and no weight decay.
+    ``lr * variance_lr_multiplier`` and no weight decay. The gains are hyperparameters of the
+    prior, fitted by the ELBO (type-II maximum likelihood), also in log space: the same group.
     """
     seen: set[int] = set()
     weights: list[nn.Parameter] = []
     scales: list[nn.Parameter] = []
+    gains: list[nn.Parameter] = []
     for module in modules:
         for name, param in module.named_parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                (scales if name.endswith("_rho") else weights).append(param)
+                group = scales if name.endswith("_rho") else gains if name.endswith("lora_prior_log_gain") else weights
+                group.append(param)
     groups: list[dict[str, Any]] = [{"params": weights}]
     if scales:
         groups.append({"params": scales, "lr": train.lr * train.variance_lr_multiplier, "weight_decay": 0.0})
+    if gains:
+        groups.append({"params": gains, "lr": train.lr * train.variance_lr_multiplier, "weight_decay": 0.0})
     return groups
 
 
@@ -149,7 +166,6 @@ class _Run:
         self.elbo = MeanFieldELBO(num_particles=train.num_particles)  # TraceMeanField_ELBO without unused log_probs
         self.kl_scale = KLScale()
         self.scaled_model, self.scaled_guide = self.kl_scale(result.model), self.kl_scale(result.guide)
-        self.warmup_steps = max(1, round(train.kl_warmup * total))
 
     def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, Any]:
         bayes_model = self.result.model
@@ -162,7 +178,7 @@ class _Run:
 
     def step(self, scale: ScaleOut, batches: list[Any], state: TrainingState) -> None:
         """One optimiser step on the global batch; raises FloatingPointError on a non-finite loss."""
-        self.kl_scale.beta = self.train.kl_weight * min(1.0, (state.step + 1) / self.warmup_steps)
+        self.kl_scale.beta = kl_beta(self.train, state.step, self.total)
         self.optimizer.zero_grad(set_to_none=True)
         # gradients of the global batch (micro-batches, processes) averaged into params' .grad
         outcome = scale.step(lambda batch: self.loss(batch, state.step), batches, self.params)
@@ -285,6 +301,7 @@ def fit_svi(
         inject_adapters(model, config)
     bayes_model = BayesianLoRAModel(model, task, num_data)
     bayes_model.network_precision = scale.network_precision
+    bayes_model.label_smoothing, bayes_model.entropy_bonus = train.label_smoothing, train.entropy_bonus
     if isinstance(guide, nn.Module):  # a ready guide: BayesianLoRAGuide, or a baseline's (BLoBGuide)
         bayes_guide = guide
         scale.place(bayes_guide)
@@ -292,6 +309,10 @@ def fit_svi(
         bayes_guide = BayesianLoRAGuide(
             bayes_model.factors, guide, config.lambda_init, config.lambda_max, **(guide_options or {})
         )
+    if getattr(bayes_guide, "point_mass", False):
+        for layer in bayes_model.layers:  # MAP has no entropy to stop g -> infinity: the prior stays fixed
+            if getattr(layer, "lora_prior_log_gain", None) is not None:
+                layer.lora_prior_log_gain.requires_grad_(False)
     result = FitResult(bayes_model, bayes_guide, config, train, task)
     meta = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
             "batch_size": train.batch_size,
@@ -332,4 +353,5 @@ for _name, _options, _display in (
     ("mvn", MultivariateNormalOptions, "Bayesian-LoRA (mvn)"),
     ("flow", FlowOptions, "Bayesian-LoRA (flow)"),
 ):
-    register_method(Method(_name, _family_fit(_name), _options, display_name=_display, bayesian_lora=True))
+    register_method(Method(_name, _family_fit(_name), _options, display_name=_display, bayesian_lora=True,
+                           point_estimate=_name == "delta"))

@@ -25,7 +25,16 @@ def quick_ensemble(config=None, guide_options=None, **options) -> EnsembleResult
 
 @pytest.fixture(scope="module")
 def ensemble() -> EnsembleResult:
-    return quick_ensemble(seed=5)
+    """Bayesian members with the fixed prior scale, so that they share one stacked forward."""
+    return quick_ensemble(config=make_config(prior_scale="fixed"), seed=5)
+
+
+def test_members_with_their_own_prior_gain_predict_one_by_one_and_average() -> None:
+    result = quick_ensemble(guide_options={"size": 2}, num_steps=3)  # the default, empirical-Bayes prior scale
+    assert not result.can_stack()
+    data = make_data(5, seed=7)
+    members = member_predictions(result, data)
+    torch.testing.assert_close(result.predict(data).probs, (members[0].probs + members[1].probs) / 2)
 
 
 def member_predictions(result: EnsembleResult, data, **options) -> list[Prediction]:
@@ -71,7 +80,7 @@ def test_stacked_and_swapped_paths_agree(ensemble: EnsembleResult) -> None:
 
 
 def test_bayesian_members_stack_their_own_samples() -> None:
-    result = quick_ensemble(guide_options={"size": 2, "member": "normal"}, num_steps=3)
+    result = quick_ensemble(config=make_config(prior_scale="fixed"), guide_options={"size": 2, "member": "normal"}, num_steps=3)
     assert result.guide.family_name == "normal"
     data = make_data(5, seed=6)
     stacked = result.predict(data, num_samples=3, seed=1)

@@ -28,7 +28,8 @@ def mc_data(n: int, offset: int = 0) -> list[dict]:
 
 
 def llama_config() -> BLoRAConfig:
-    return BLoRAConfig(target_modules=["q_proj", "v_proj", "lm_head"], r=2, inducing_rows=3, inducing_cols=3, dropout=0.0)
+    return BLoRAConfig(target_modules=["q_proj", "v_proj", "lm_head"], r=2, inducing_rows=3, inducing_cols=3, dropout=0.0,
+                       prior_scale="fixed")
 
 
 @pytest.fixture

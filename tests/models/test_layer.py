@@ -25,7 +25,7 @@ def test_layer_samples_named_sites_and_adds_low_rank_update():
     a, b = layer.adapter_weights()
     assert a.shape == (4, 10) and b.shape == (6, 4)
     x = torch.randn(5, 10)
-    torch.testing.assert_close(layer(x), base(x) + layer.scaling * x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), base(x) + layer.update_scale * x @ a.T @ b.T)
     assert not any(p.requires_grad for p in base.parameters())
 
 
@@ -36,7 +36,7 @@ def test_stacked_samples_use_their_own_weights():
     x = torch.randn(2, 7, 10)
     out = layer(x.repeat(3, 1, 1)).reshape(3, 2, 7, 6)
     for s, (a, b) in enumerate(draws):
-        torch.testing.assert_close(out[s], layer.base(x) + layer.scaling * x @ a.T @ b.T)
+        torch.testing.assert_close(out[s], layer.base(x) + layer.update_scale * x @ a.T @ b.T)
 
 
 def test_unsampled_layer_explains_itself():
@@ -110,11 +110,13 @@ def test_custom_prior_drives_a_layer():
 
 
 def lora_extra_parameters(shapes, bayesian, r, m_r, m_c, guide_params_per_factor):
-    """Our formula: per Bayesian factor (p x q), Z_r, Z_c, D_r, D_c replace the p*q LoRA entries."""
+    """Our formula: per Bayesian factor (p x q), Z_r, Z_c, D_r, D_c replace the p*q LoRA entries; per Bayesian
+    layer one empirical-Bayes prior gain."""
     extra = 0
     for name, (d_out, d_in) in shapes.items():
         if name not in bayesian:
             continue
+        extra += 1
         for p, q in ((r, d_in), (d_out, r)):
             extra += m_r * p + m_c * q + m_r + m_c - p * q + guide_params_per_factor
     return extra

@@ -41,7 +41,7 @@ def test_delta_guide_is_exactly_a_plain_lora_forward() -> None:
     def lora(layer, h: torch.Tensor) -> torch.Tensor:
         a, b = weights[layer.lora_A.site_w], weights[layer.lora_B.site_w]
         assert a.shape == (config.r, layer.in_features) and b.shape == (layer.out_features, config.r)
-        return layer.base(h) + (config.alpha / config.r) * h @ a.T @ b.T
+        return layer.base(h) + (config.alpha / config.r) * layer.prior_gain() * h @ a.T @ b.T
 
     first, last = result.model.layers
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_use_posterior_mean_runs_the_net_without_pyro() -> None:
         h = x
         for i, layer in enumerate(result.model.layers):
             a, b = means[layer.lora_A.site_w], means[layer.lora_B.site_w]
-            h = layer.base(h) + layer.scaling * h @ a.T @ b.T
+            h = layer.base(h) + layer.update_scale * h @ a.T @ b.T
             if i == 0:
                 h = torch.relu(h)
     assert out.shape == (5, N_CLASSES)

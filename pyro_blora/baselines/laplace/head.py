@@ -146,7 +146,7 @@ def head_weight(head: AnswerHead) -> Tensor:
             if a.shape[0] != 1:
                 raise ValueError(f"{head.name} holds {a.shape[0]} stacked adapter samples; fix one (use_posterior_mean)")
             a, b = a[0], b[0]
-        rows = rows + head.module.scaling * (b.index_select(0, ids).to(torch.float64) @ a.to(torch.float64))
+        rows = rows + float(head.module.update_scale) * (b.index_select(0, ids).to(torch.float64) @ a.to(torch.float64))
     if base.bias is not None:
         rows = torch.cat([rows, base.bias.index_select(0, ids).to(torch.float64).unsqueeze(1)], dim=1)
     return rows.cpu()

@@ -72,7 +72,7 @@ class LoRAClassifier(nn.Module):
         if not layers:
             raise ValueError("Laplace-LoRA puts its posterior on Bayesian layers, and this fit has none")
         object.__setattr__(self, "_layers", layers)
-        self.paths = nn.ModuleList(LoRAPath(*(t.detach() for t in layer.adapter_weights()), layer.scaling) for layer in layers)
+        self.paths = nn.ModuleList(LoRAPath(*(t.detach() for t in layer.adapter_weights()), float(layer.update_scale)) for layer in layers)
 
     @property
     def task(self) -> Task:
