@@ -86,6 +86,9 @@ class Method:
         bayesian_lora: a guide family of Bayesian-LoRA itself (not a baseline).
         needs_validation: ``fit`` needs ``val_data`` (to tune a prior precision or a noise scale).
         ensemble_member: a deep ensemble may train its members with it (every Bayesian-LoRA family may).
+        point_estimate: it trains (or starts from) point-estimate LoRA factors (MAP, MC dropout, ensembles,
+            the post-hoc Laplace and TFB): the compare pipeline gives it the MAP layout
+            (``ExperimentConfig.map_bayesian_modules``, plain LoRA by default, what a peft user trains).
     """
 
     name: str
@@ -97,6 +100,7 @@ class Method:
     bayesian_lora: bool = False
     needs_validation: bool = False
     ensemble_member: bool = False
+    point_estimate: bool = False
 
     def parse_options(self, value: Any) -> Any:
         """The method's options from a dict (the old ``guide_options``), None or a ready record."""

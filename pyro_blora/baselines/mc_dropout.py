@@ -152,5 +152,5 @@ def load_mc_dropout(path: Any, model: nn.Module, **kwargs: Any) -> MCDropoutResu
 
 register_method(Method(
     "mc_dropout", fit_mc_dropout, MCDropoutOptions, load=load_mc_dropout, display_name="MC dropout",
-    benchmark_defaults={"dropout": DEFAULT_DROPOUT}, ensemble_member=True,
+    benchmark_defaults={"dropout": DEFAULT_DROPOUT}, ensemble_member=True, point_estimate=True,
 ))

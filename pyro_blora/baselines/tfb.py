@@ -307,5 +307,5 @@ def load_tfb(path: Union[str, "os.PathLike[str]"], model: Any, task: Optional[Ta
 
 register_method(Method(
     "tfb", fit_tfb, TFBOptions, load=load_tfb, display_name="TFB",
-    needs_validation=True,
+    needs_validation=True, point_estimate=True,
 ))

@@ -71,7 +71,8 @@ def _add_experiment_options(parser: argparse.ArgumentParser, exclude: Sequence[s
         text = (text if default is None else f"{text} (default: {default})").replace("%", "%%")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
         if typing.get_origin(inner) is list:
-            kwargs.update(nargs="+", type=str)
+            # an Optional list may be given empty (--map-bayesian-modules with no names: [])
+            kwargs.update(nargs="*" if optional else "+", type=str)
         elif inner in (int, float, str):
             kwargs["type"] = _or_none(inner) if optional else inner
         parser.add_argument("--" + spec.name.replace("_", "-"), **kwargs)

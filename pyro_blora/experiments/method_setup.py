@@ -66,6 +66,10 @@ class MethodSetup:
     needs_validation: bool = False
 
 
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def method_setup(cfg: "ExperimentConfig", method: str) -> MethodSetup:
     """The options, config and training overrides of ``method`` under ``cfg``, from its record.
 
@@ -77,6 +81,8 @@ def method_setup(cfg: "ExperimentConfig", method: str) -> MethodSetup:
     config_names = {f.name for f in dataclasses.fields(BLoRAConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     setup = MethodSetup(needs_validation=record.needs_validation)
+    if record.point_estimate:
+        setup.config["bayesian_modules"] = _listed(cfg.map_bayesian_modules)
     for key, value in record.benchmark_defaults.items():
         if key in option_names:
             setup.options[key] = value

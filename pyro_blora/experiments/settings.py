@@ -33,7 +33,8 @@ __all__ = [
 
 DRUG_REVIEW_TEMPLATE = "Drug review: {text}\nIs the review positive, negative or neutral? Answer:"
 FILE_TASK_PREFIXES = ("csv", "tsv", "jsonl")
-ADAPTER_FIELDS = ("target_modules", "bayesian_modules", "r", "alpha", "prior", "prior_sd", "lambda_max")
+ADAPTER_FIELDS = ("target_modules", "bayesian_modules", "r", "alpha", "prior", "prior_sd", "prior_scale", "lambda_max",
+                  "lambda_prior")
 TRAIN_FIELDS = ("epochs", "num_steps", "batch_size", "lr", "kl_weight", "variance_lr_multiplier", "seed")
 # the short forms load_benchmark documents (its alias table is private)
 _BENCHMARK_SHORT_FORMS = ("arc_e", "arc_c", "obqa", "wg_s", "wg_m")
@@ -147,7 +148,11 @@ class ExperimentConfig:
     adapted on cached activations of the 28 frozen blocks below, 64-token
     prompts, 10 epochs at lr 1e-2, and prior_sd 1 (at the paper's 0.1 the prior
     holds the adapters near zero in so short a run: the MAP model stays at the
-    class prior).
+    class prior). Every module is Bayesian for the Bayesian methods, plain LoRA
+    for MAP and what is built on it, and the KL is weighted 0.1: at the proper
+    ELBO's 1 the 1,620 inducing dimensions cost more than 491 reviews pay back
+    and flow stays at the class prior (validation ACC 0.709 against 0.782 at 0.1,
+    docs/benchmarks.md).
     """
 
     model: str = _help("'smollm2' (embedded default), a local folder or a hub id.", "smollm2")
@@ -166,8 +171,15 @@ class ExperimentConfig:
     lambda_max: float = _library_field(BLoRAConfig, "lambda_max")
     scale_max: float = _help("Cap of the sd of q(U_w) of the normal/mvn/flow guides (NormalOptions.scale_max; paper: 0.1).", 0.1)
     prior_sd: float = _library_field(BLoRAConfig, "prior_sd", 1.0)
+    prior_scale: str = _library_field(BLoRAConfig, "prior_scale")
+    lambda_prior: Optional[float] = _library_field(BLoRAConfig, "lambda_prior")
     target_modules: list[str] = _library_field(BLoRAConfig, "target_modules", factory=lambda: ["q_proj", "v_proj", "lm_head"])
-    bayesian_modules: Optional[list[str]] = _library_field(BLoRAConfig, "bayesian_modules", factory=lambda: ["q_proj", "lm_head"])
+    bayesian_modules: Optional[list[str]] = _library_field(BLoRAConfig, "bayesian_modules")
+    map_bayesian_modules: Optional[list[str]] = _help(
+        "bayesian_modules of the point-estimate methods (delta, mc_dropout, ensemble, and laplace, laplace_lora, tfb "
+        "on top of them): [] = plain LoRA on every target, the peft baseline (no prior on its factors, AdamW weight "
+        "decay); give names to score MAP under the inducing prior instead.", factory=list,
+    )
     trainable_layers: Optional[int] = _help("Adapt only the top k blocks and cache the rest (none: every block, no cache).", 2)
     max_length: int = _help("Prompt tokens at most (longer texts lose their start, never the question).", 64)
     train_size: Optional[int] = _help("Subsample the training split to this many examples (none: all).")
@@ -177,8 +189,13 @@ class ExperimentConfig:
     num_steps: Optional[int] = _library_field(TrainConfig, "num_steps")
     batch_size: int = _library_field(TrainConfig, "batch_size")
     lr: float = _library_field(TrainConfig, "lr", 1e-2)
-    kl_weight: float = _library_field(TrainConfig, "kl_weight")
+    kl_weight: float = _library_field(TrainConfig, "kl_weight", 0.1)
     variance_lr_multiplier: float = _library_field(TrainConfig, "variance_lr_multiplier")
+    preset: Optional[str] = _help(
+        "Training recipe applied to every method alike (pyro_blora.training.presets): proper (the ELBO) | paper "
+        "(the released code: label smoothing 0.05, entropy bonus 0.05, KL from epoch 2 at 0.1 / batches per "
+        "epoch, lr 7.39e-4, weight decay 0.027, step decay, 6 epochs); its fields override epochs, lr and "
+        "kl_weight. None: the fields as given.")
     num_samples: int = _help("Posterior samples per prediction.", 4)
     seed: int = _library_field(TrainConfig, "seed")
     data_dir: Optional[str] = _help("Folder of the benchmark JSONL files (default ../shared/data).")
@@ -235,7 +252,9 @@ class ExperimentConfig:
 
     def train_options(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields of these settings, checked by TrainConfig itself."""
-        values = {name: getattr(self, name) for name in TRAIN_FIELDS}
+        from pyro_blora.training.presets import with_preset
+
+        values = with_preset(self.preset, {name: getattr(self, name) for name in TRAIN_FIELDS})
         TrainConfig(**values)
         return values
 

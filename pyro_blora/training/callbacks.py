@@ -18,7 +18,7 @@ from torch import Tensor
 from pyro_blora.result import TrainingState
 from pyro_blora.training.checkpoint import save_checkpoint
 
-__all__ = ["Callback", "CheckpointWriter", "ValidationMonitor"]
+__all__ = ["Callback", "CheckpointWriter", "EvaluationSchedule", "ValidationMonitor", "fraction_steps"]
 
 Callback = Callable[[TrainingState], Optional[bool]]
 
@@ -115,3 +115,52 @@ def run_callbacks(callbacks: Sequence[Callback], state: TrainingState) -> bool:
     for callback in callbacks:
         stop = bool(callback(state)) or stop
     return stop
+
+
+class EvaluationSchedule:
+    """Score labelled data sets at fixed steps along training: the long-training protocol's checkpoints.
+
+    At each step in ``steps`` (and never at others) the posterior predictive of every set in
+    ``data`` is computed with ``num_samples`` draws and the prediction's seed, and its metrics go
+    into :attr:`records` as ``{"step": t, "<set>": metrics, ...}``. The predictions of the last
+    scored step, and of the step with the lowest NLL on ``select_on`` (validation only, never test),
+    are kept in :attr:`last` and :attr:`selected` for a caller that needs their probabilities.
+
+    Args:
+        data: set name -> labelled examples (e.g. ``{"validation": ..., "test": ...}``).
+        steps: optimiser steps (1-based, as :attr:`TrainingState.step` after a step) to score at.
+        select_on: the set whose NLL picks :attr:`selected` (None: no selection).
+        num_samples: posterior draws per prediction.
+    """
+
+    def __init__(self, data: dict[str, Any], steps: Sequence[int], select_on: Optional[str] = "validation",
+                 num_samples: int = 4):
+        if select_on is not None and select_on not in data:
+            raise ValueError(f"select_on={select_on!r} is not one of the data sets {sorted(data)}")
+        self.data, self.steps, self.select_on, self.num_samples = data, set(int(s) for s in steps), select_on, num_samples
+        self.records: list[dict[str, Any]] = []
+        self.last: dict[str, Any] = {}
+        self.selected: dict[str, Any] = {}
+        self.selected_step: Optional[int] = None
+        self._best = math.inf
+
+    def __call__(self, state: TrainingState) -> bool:
+        if state.step not in self.steps:
+            return False
+        predictions = {name: state.result.predict(examples, num_samples=self.num_samples)
+                       for name, examples in self.data.items()}
+        record: dict[str, Any] = {"step": state.step}
+        record.update({name: prediction.metrics() for name, prediction in predictions.items()})
+        self.records.append(record)
+        self.last = predictions
+        if self.select_on is not None and record[self.select_on]["nll"] < self._best:
+            self._best, self.selected, self.selected_step = record[self.select_on]["nll"], predictions, state.step
+        return False
+
+
+def fraction_steps(total: int, fraction: float = 0.1) -> list[int]:
+    """Steps ``round(k * fraction * total)`` for ``k = 1 .. 1 / fraction``: every 10 % of a budget by default."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    count = max(1, round(1 / fraction))
+    return sorted({max(1, round(total * k / count)) for k in range(1, count + 1)})

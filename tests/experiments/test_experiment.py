@@ -119,3 +119,21 @@ def test_your_own_file_is_a_task(tmp_path, suffix) -> None:
     assert prompt_template(cfg, splits) == CLASSIFICATION_TEMPLATE
     custom = ExperimentConfig(task=f"{suffix}:{file}", template="Review: {text}\nVerdict:")
     assert prompt_template(custom, splits) == "Review: {text}\nVerdict:"
+
+
+def test_point_estimate_methods_get_the_map_layout_and_the_others_the_bayesian_one() -> None:
+    from pyro_blora.experiments.method_setup import method_setup
+    from pyro_blora.experiments.settings import ExperimentConfig
+
+    cfg = ExperimentConfig(methods=["delta", "flow"])
+    assert cfg.bayesian_modules is None and cfg.map_bayesian_modules == []
+    for name in ("delta", "mc_dropout", "ensemble", "laplace", "laplace_lora", "tfb"):
+        assert method_setup(cfg, name).config["bayesian_modules"] == [], name
+    for name in ("flow", "normal", "blob"):
+        assert "bayesian_modules" not in method_setup(cfg, name).config, name
+    paper = ExperimentConfig(preset="paper")
+    assert paper.train_options()["lr"] == 7.39e-4 and paper.train_options()["label_smoothing"] == 0.05
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown preset 'best'"):
+        ExperimentConfig(preset="best")

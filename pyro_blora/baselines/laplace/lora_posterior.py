@@ -280,4 +280,5 @@ def load_laplace_lora(path: Union[str, "os.PathLike[str]"], model: Any, task: Op
 
 register_method(Method(
     "laplace_lora", fit_laplace_lora, LaplaceLoRAOptions, load=load_laplace_lora, display_name="Laplace-LoRA (K-FAC)",
+    point_estimate=True,
 ))

@@ -324,5 +324,5 @@ def load_laplace(
 
 register_method(Method(
     "laplace", fit_laplace, LaplaceOptions, load=load_laplace, display_name="last-layer Laplace",
-    needs_validation=True,
+    needs_validation=True, point_estimate=True,
 ))
