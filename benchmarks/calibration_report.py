@@ -229,8 +229,10 @@ def shift_markdown(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any
     return "\n".join(lines)
 
 
-def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Write ``summary.md``, ``summary.json`` and ``reliability_grid.png`` into ``out``; return the summary."""
+def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Mapping[str, list[str]],
+                 protocol: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Write ``summary.md``, ``summary.json``, ``reliability_grid.png``, ``calibration.json`` (the committed
+    shape, see ``calibration_results``) and ``trajectory.png`` (ECE and NLL against steps) into ``out``."""
     seeds = list(seeds)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} does not exist: run the benchmark first")
@@ -259,5 +261,11 @@ def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Map
                                     for m, by in ms.items() if m.endswith("+ts")} for t, ms in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=list))
     reliability_grid(runs, seeds, out / "reliability_grid.png")
+    from calibration_results import results, trajectory_figure, write_results
+
+    document = results(runs, seeds, protocol or {})
+    write_results(document, out / "calibration.json")
+    trajectory_figure(runs, seeds, out / "trajectory.png")
+    summary["results"] = document
     print("\n".join(text))
     return summary

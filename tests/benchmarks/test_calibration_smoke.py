@@ -29,7 +29,7 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
 
     tasks = ["drug_reviews_binary"] + (["openbookqa"] if (default_data_dir() / "OpenBookQA").is_dir() else [])
     common = ["--tasks", *tasks, "--methods", "delta", "flow", "--seeds", "0", "--output", str(tmp_path),
-              "--set", f"model={tiny_model_dir}", "train_size=12", "validation_size=8", "test_size=8", "epochs=1",
+              "--set", f"model={tiny_model_dir}", "train_size=12", "validation_size=8", "test_size=8", "epochs=1", "num_steps=4",
               "trainable_layers=1", "max_length=48"]
     first = _run(common)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -41,6 +41,17 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert record["settings"]["model"] == str(tiny_model_dir)
     for split in ("validation", "test"):
         assert 0.0 <= record["metrics"][split]["ece"] <= 1.0 and record["metrics"][split]["num_examples"] == 8
+
+    # the long protocol's checkpoints: every 10 % of the 4 steps is steps 1..4, scored on validation and test
+    assert [point["step"] for point in record["trajectory"]] == [1, 2, 3, 4]
+    assert {"validation", "test"} <= set(record["trajectory"][-1]) and record["selected"]["step"] in (1, 2, 3, 4)
+    assert record["trajectory"][-1]["test"] == record["metrics"]["test"]  # the last checkpoint is the reported run
+    results = json.loads((tmp_path / "calibration.json").read_text())
+    rows = results["tasks"]["drug_reviews_binary"]
+    assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val"} <= set(rows)
+    assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds"} and rows["flow"]["seeds"] == 1
+    assert 0 <= rows["flow"]["ece"]["mean"] <= 1 and results["protocol"]["ece_bins"] == 15
+    assert (tmp_path / "trajectory.png").stat().st_size > 5_000
 
     summary = (tmp_path / "summary.md").read_text()
     for row in ("MAP LoRA", "MAP + temperature", "ensemble (3 MAP)", "last-layer Laplace", "B-LoRA flow"):

@@ -1,0 +1,100 @@
+"""The committed results of ``calibration.py``: ``docs/results/calibration.json`` and the ECE/NLL-vs-steps figure.
+
+``calibration.json`` has the shape the docs promise::
+
+    {"commit": ..., "protocol": {...}, "tasks": {TASK: {METHOD: {"acc": {"mean", "sd"}, "ece": ..., "nll": ...,
+     "brier": ..., "mi": ..., "seeds": n}}}}
+
+with METHOD the registry's names, post-hoc rows as ``delta+temperature`` / ``flow+temperature``, and the
+validation-selected checkpoint of a trained method as ``METHOD@val`` (test metrics of the checkpoint with
+the lowest validation NLL). Fractions, not percents; the last checkpoint of the long protocol otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from matplotlib.figure import Figure
+
+POSTHOC_NAMES = {"delta+ts": "delta+temperature", "flow+ts": "flow+temperature"}
+METRICS = {"acc": "acc", "ece": "ece", "nll": "nll", "brier": "brier", "mi": "mutual_information"}
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": math.nan, "sd": math.nan}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _row(metric_sets: list[Mapping[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {key: _stat([m.get(name, math.nan) for m in metric_sets]) for key, name in METRICS.items()}
+    row["seeds"] = len(metric_sets)
+    return row
+
+
+def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int],
+            protocol: Mapping[str, Any], split: str = "test") -> dict[str, Any]:
+    """The ``calibration.json`` document of collected ``runs`` (see ``calibration_report.collect``)."""
+    seeds = set(seeds)
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, methods in runs.items():
+        rows: dict[str, Any] = {}
+        for method, by_seed in methods.items():
+            chosen = [r for s, r in by_seed.items() if s in seeds and split in r["metrics"]]
+            if chosen:
+                rows[POSTHOC_NAMES.get(method, method)] = _row([r["metrics"][split] for r in chosen])
+            selected = [r["selected"]["metrics"][split] for s, r in by_seed.items()
+                        if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)]
+            if selected:
+                rows[f"{method}@val"] = _row(selected)
+        tasks[task] = rows
+    return {"commit": _commit(), "protocol": dict(protocol), "tasks": tasks}
+
+
+def _commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_results(document: Mapping[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=float) + "\n")
+    return path
+
+
+def trajectory_figure(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int],
+                      path: Path, split: str = "test") -> Optional[Path]:
+    """Test ECE and NLL against training steps, one line per method (mean over seeds), one column per task."""
+    seeds = set(seeds)
+    tasks = [t for t, ms in runs.items() if any(r.get("trajectory") for by in ms.values() for r in by.values())]
+    if not tasks:
+        return None
+    fig = Figure(figsize=(4.2 * len(tasks), 6.4))
+    axes = fig.subplots(2, len(tasks), squeeze=False)
+    for column, task in enumerate(tasks):
+        for method, by_seed in sorted(runs[task].items()):
+            curves = [r["trajectory"] for s, r in by_seed.items() if s in seeds and r.get("trajectory")]
+            if not curves:
+                continue
+            steps = [point["step"] for point in curves[0]]
+            for row, metric in enumerate(("ece", "nll")):
+                mean = [statistics.fmean(c[i][split][metric] for c in curves if len(c) > i) for i in range(len(steps))]
+                axes[row][column].plot(steps, mean, marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+        axes[0][column].set_title(task)
+        axes[0][column].set_ylabel(f"{split} ECE (15 bins)")
+        axes[1][column].set_ylabel(f"{split} NLL")
+        axes[1][column].set_xlabel("training step")
+        axes[0][column].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
