@@ -156,13 +156,15 @@ def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int,
     return fit_method(cfg, prepared, method, seed=seed, progress=False, **options)
 
 
-def _schedule(cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], method: str) -> Optional[EvaluationSchedule]:
+def _schedule(cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], method: str,
+              seed: int) -> Optional[EvaluationSchedule]:
     """Validation, test and shift sets scored every 10 % of the step budget (trained methods whose fit
     result predicts as the method does; MC dropout's and the ensemble's wrappers are scored at the end only)."""
     if method not in TRAJECTORY_METHODS or cfg.num_steps is None:
         return None
     sets = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
-    return EvaluationSchedule(sets, fraction_steps(cfg.num_steps), select_on="validation", num_samples=cfg.num_samples)
+    return EvaluationSchedule(sets, fraction_steps(cfg.num_steps), select_on="validation", num_samples=cfg.num_samples,
+                              seed=seed)
 
 
 def label(method: str, tag: Optional[str]) -> str:
@@ -193,10 +195,12 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods")}
     for method, seed in todo:
         started = time.perf_counter()
-        schedule = _schedule(cfg, prepared, shifted, method)
+        schedule = _schedule(cfg, prepared, shifted, method, seed)
         result = _fit(cfg, prepared, method, seed, schedule)
         seconds = time.perf_counter() - started
-        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        finished = schedule is not None and schedule.records and schedule.records[-1]["step"] == cfg.num_steps
+        # the last checkpoint is the finished fit, predicted with the same seed: not predicted twice
+        predictions = schedule.last if finished else _predict_all(result, prepared, shifted, cfg.num_samples, seed)
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
                   "num_train": len(prepared.train), "settings": settings, "overrides": overrides,
                   "final_train_nll": (result.history.get("nll") or [float("nan")])[-1],
@@ -216,12 +220,9 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
 
 def _diagnostics(result: Any, prepared: Prepared) -> Optional[dict[str, Any]]:
     """Is the posterior alive: :func:`pyro_blora.diagnose` on 16 validation examples (Bayesian-LoRA fits only)."""
-    from pyro_blora import diagnose
+    from pyro_blora.diagnostics import diagnose, supports
 
-    if not hasattr(result, "guide") or not getattr(result.guide, "sites", None):
-        return None
-    report = diagnose(result, list(prepared.validation)[:16])
-    return report.to_dict() if hasattr(report, "to_dict") else None
+    return diagnose(result, list(prepared.validation)[:16]).to_dict() if supports(result) else None
 
 
 def _laplace_run(map_result: Any, cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], out: Path,

@@ -21,15 +21,15 @@ from typing import Any, Iterable, Mapping, Optional
 
 from matplotlib.figure import Figure
 
+from calibration_report import _mean_std
+
 POSTHOC_NAMES = {"delta+ts": "delta+temperature", "flow+ts": "flow+temperature"}
 METRICS = {"acc": "acc", "ece": "ece", "nll": "nll", "brier": "brier", "mi": "mutual_information"}
 
 
 def _stat(values: list[float]) -> dict[str, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": math.nan, "sd": math.nan}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    mean, sd = _mean_std([v for v in values if v is not None and not math.isnan(v)])
+    return {"mean": mean, "sd": sd}
 
 
 def _row(metric_sets: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -95,6 +95,5 @@ def method_setup(cfg: "ExperimentConfig", method: str) -> MethodSetup:
                              "nor a BLoRAConfig or TrainConfig field")
     for option, setting in PIPELINE_OPTIONS.items():
         if option in option_names:
-            value = getattr(cfg, setting)
-            setup.options[option] = list(value) if isinstance(value, (list, tuple)) else value
+            setup.options[option] = _listed(getattr(cfg, setting))
     return setup

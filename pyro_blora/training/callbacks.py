@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import Tensor
 
-from pyro_blora.result import TrainingState
+from pyro_blora.result import DEFAULT_PREDICT_SEED, TrainingState
 from pyro_blora.training.checkpoint import save_checkpoint
 
 __all__ = ["Callback", "CheckpointWriter", "EvaluationSchedule", "ValidationMonitor", "fraction_steps"]
@@ -131,13 +131,16 @@ class EvaluationSchedule:
         steps: optimiser steps (1-based, as :attr:`TrainingState.step` after a step) to score at.
         select_on: the set whose NLL picks :attr:`selected` (None: no selection).
         num_samples: posterior draws per prediction.
+        seed: the predictions' seed (:meth:`FitResult.predict`'s), so that the last checkpoint's
+            predictions are those of the finished fit with the same seed.
     """
 
     def __init__(self, data: dict[str, Any], steps: Sequence[int], select_on: Optional[str] = "validation",
-                 num_samples: int = 4):
+                 num_samples: int = 4, seed: Optional[int] = DEFAULT_PREDICT_SEED):
         if select_on is not None and select_on not in data:
             raise ValueError(f"select_on={select_on!r} is not one of the data sets {sorted(data)}")
-        self.data, self.steps, self.select_on, self.num_samples = data, set(int(s) for s in steps), select_on, num_samples
+        self.data, self.steps, self.select_on = data, set(int(s) for s in steps), select_on
+        self.num_samples, self.seed = num_samples, seed
         self.records: list[dict[str, Any]] = []
         self.last: dict[str, Any] = {}
         self.selected: dict[str, Any] = {}
@@ -147,7 +150,7 @@ class EvaluationSchedule:
     def __call__(self, state: TrainingState) -> bool:
         if state.step not in self.steps:
             return False
-        predictions = {name: state.result.predict(examples, num_samples=self.num_samples)
+        predictions = {name: state.result.predict(examples, num_samples=self.num_samples, seed=self.seed)
                        for name, examples in self.data.items()}
         record: dict[str, Any] = {"step": state.step}
         record.update({name: prediction.metrics() for name, prediction in predictions.items()})

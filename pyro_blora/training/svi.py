@@ -97,18 +97,14 @@ def _param_groups(modules: Iterable[nn.Module], train: TrainConfig) -> list[dict
     seen: set[int] = set()
     weights: list[nn.Parameter] = []
     scales: list[nn.Parameter] = []
-    gains: list[nn.Parameter] = []
     for module in modules:
         for name, param in module.named_parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                group = scales if name.endswith("_rho") else gains if name.endswith("lora_prior_log_gain") else weights
-                group.append(param)
+                (scales if name.endswith(("_rho", "lora_prior_log_gain")) else weights).append(param)
     groups: list[dict[str, Any]] = [{"params": weights}]
     if scales:
         groups.append({"params": scales, "lr": train.lr * train.variance_lr_multiplier, "weight_decay": 0.0})
-    if gains:
-        groups.append({"params": gains, "lr": train.lr * train.variance_lr_multiplier, "weight_decay": 0.0})
     return groups
 
 
