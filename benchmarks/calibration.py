@@ -40,13 +40,16 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
+from calibration_peers import PEERS, peer_summary
+from common import PeakMemory
+
 from pyro_blora.experiments.pipeline import ExperimentConfig, Prepared, fit_method, prepare
 from pyro_blora.inject import remove_adapters
 from pyro_blora.result import Prediction
 from pyro_blora.training.callbacks import EvaluationSchedule, fraction_steps
 
 TRAINED = ["delta", "mc_dropout", "blob", "normal", "flow"]
-"""Methods that train adapters; ``laplace`` is fitted after each ``delta`` run."""
+"""Methods that train adapters; the post-hoc peers (``calibration_peers.PEERS``) are fitted after each ``delta`` run."""
 
 POSTHOC = ["ensemble", "delta+ts", "flow+ts"]
 SHIFT = {"openbookqa": ["arc_easy", "arc_challenge"]}
@@ -182,7 +185,7 @@ def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Option
 
 
 def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
-             overrides: dict[str, Any], tag: Optional[str] = None) -> None:
+             overrides: dict[str, Any], tag: Optional[str] = None, peers: Optional[list[str]] = None) -> None:
     """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once."""
     if not todo:
         _log(f"{task}: all runs finished")
@@ -196,13 +199,15 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
     for method, seed in todo:
         started = time.perf_counter()
         schedule = _schedule(cfg, prepared, shifted, method, seed)
+        memory = PeakMemory(device)
+        memory.start()
         result = _fit(cfg, prepared, method, seed, schedule)
-        seconds = time.perf_counter() - started
+        seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
         finished = schedule is not None and schedule.records and schedule.records[-1]["step"] == cfg.num_steps
         # the last checkpoint is the finished fit, predicted with the same seed: not predicted twice
         predictions = schedule.last if finished else _predict_all(result, prepared, shifted, cfg.num_samples, seed)
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
-                  "num_train": len(prepared.train), "settings": settings, "overrides": overrides,
+                  "peak_memory_mb": peak_mb, "memory_method": memory.method, "num_train": len(prepared.train), "settings": settings, "overrides": overrides,
                   "final_train_nll": (result.history.get("nll") or [float("nan")])[-1],
                   "diagnostics": _diagnostics(result, prepared)}
         if schedule is not None:
@@ -211,10 +216,9 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
                                   "metrics": {k: p.metrics() for k, p in schedule.selected.items()}}
         write_run(run_path(out, task, label(method, tag), seed), record, predictions)
         _log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
-        if method == "delta" and not tag and cfg.scoring == "answer_token" and not run_path(out, task, "laplace", seed).exists():
-            # last-layer Laplace sits on this MAP run's weights, so it is fitted now or never; it needs an
-            # answer head (answer-token scoring): choice likelihood scores every vocabulary row
-            _laplace_run(result, cfg, prepared, shifted, out, task, seed, settings)
+        if method == "delta" and not tag:
+            # the peers sit on this MAP run's weights, so they are fitted now or never
+            _peer_runs(result, record, cfg, prepared, shifted, out, seed, peers)
         remove_adapters(prepared.net)
 
 
@@ -225,21 +229,33 @@ def _diagnostics(result: Any, prepared: Prepared) -> Optional[dict[str, Any]]:
     return diagnose(result, list(prepared.validation)[:16]).to_dict() if supports(result) else None
 
 
-def _laplace_run(map_result: Any, cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], out: Path,
-                 task: str, seed: int, settings: dict[str, Any]) -> None:
-    try:
-        from pyro_blora.baselines.laplace.posterior import laplace_from_map
-    except ImportError as err:
-        _log(f"laplace skipped: {err}")
-        return
-    started = time.perf_counter()
-    result = laplace_from_map(map_result, prepared.train, prepared.validation)
-    seconds = time.perf_counter() - started
-    predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
-    record = {"task": task, "method": "laplace", "seed": seed, "train_seconds": seconds, "posthoc_of": "delta",
-              "num_train": len(prepared.train), "settings": settings}
-    write_run(run_path(out, task, "laplace", seed), record, predictions)
-    _log(f"{task} laplace seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+def _peer_runs(map_result: Any, map_record: dict[str, Any], cfg: ExperimentConfig, prepared: Prepared,
+               shifted: dict[str, list], out: Path, seed: int, names: Optional[list[str]]) -> None:
+    """Fit and score every post-hoc peer of this MAP run that applies to the task's scoring and is not done yet."""
+    for name in PEERS if names is None else names:
+        peer, path = PEERS[name], run_path(out, cfg.task, name, seed)
+        if cfg.scoring not in peer.scorings or path.exists():
+            continue
+        memory = PeakMemory(cfg.device)
+        memory.start()
+        started = time.perf_counter()
+        try:
+            result = peer.build(map_result, prepared)
+        except ImportError as err:
+            _log(f"{name} skipped: {err}")
+            continue
+        seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
+        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        record = {"task": cfg.task, "method": name, "seed": seed, "train_seconds": seconds, "posthoc_of": "delta",
+                  "peak_memory_mb": peak_mb, "memory_method": memory.method,
+                  "cost_over_map": {"seconds": seconds / map_record["train_seconds"],
+                                    "map_seconds": map_record["train_seconds"],
+                                    "map_peak_memory_mb": map_record["peak_memory_mb"]},
+                  "chosen": peer_summary(name, result), "num_train": len(prepared.train),
+                  "settings": map_record["settings"]}
+        write_run(path, record, predictions)
+        _log(f"{cfg.task} {name} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+        map_result.use_posterior_mean()
 
 
 def _brief(prediction: Prediction) -> str:
@@ -279,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default=None, help="store the runs as <method>-<tag> (a variant of the settings)")
     parser.add_argument("--only", nargs="*", default=None, metavar="METHOD:SEED",
                         help="run exactly these runs of the (single) task (used by --workers)")
+    parser.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
+                        help=f"post-hoc peers fitted on each MAP run (default: all of {list(PEERS)})")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override an ExperimentConfig field for every task (JSON values), e.g. epochs=1")
     return parser
@@ -312,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _run_workers(todo, args)
         else:
             for task, runs in todo.items():
-                run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag)
+                run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag, args.peers)
     if args.no_report:
         return 0
     from calibration_report import write_report

@@ -22,10 +22,12 @@ from safetensors.torch import load_file
 from pyro_blora import metrics
 from pyro_blora.result import Prediction
 
-METHOD_ORDER = ["delta", "delta+ts", "mc_dropout", "ensemble", "laplace", "blob", "normal", "flow", "flow+ts"]
+METHOD_ORDER = ["delta", "delta+ts", "mc_dropout", "ensemble", "laplace_last_layer", "laplace_lora", "laplace_lora_val",
+                "tfb", "blob", "normal", "flow", "flow+ts"]
 LABELS = {
     "delta": "MAP LoRA", "delta+ts": "MAP + temperature", "mc_dropout": "MC dropout", "ensemble": "ensemble (3 MAP)",
-    "laplace": "last-layer Laplace", "blob": "BLoB-style", "normal": "B-LoRA normal", "flow": "B-LoRA flow",
+    "laplace_last_layer": "last-layer Laplace", "laplace_lora": "Laplace-LoRA (marglik)",
+    "laplace_lora_val": "Laplace-LoRA (val NLL)", "tfb": "TFB", "blob": "BLoB-style", "normal": "B-LoRA normal", "flow": "B-LoRA flow",
     "flow+ts": "B-LoRA flow + temperature",
 }
 COLUMNS = ["acc", "ece", "nll", "brier"]
@@ -174,6 +176,22 @@ def sample_averaging(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, A
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def peer_costs(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int]) -> str:
+    """Seconds and peak memory of each post-hoc peer's own step, against the MAP run it sits on."""
+    seeds = set(seeds)
+    lines = ["| task | method | seconds | x MAP training | peak MiB | MAP peak MiB |", "|---|---|---|---|---|---|"]
+    for task in sorted(runs):
+        for method in _ordered(runs[task]):
+            chosen = [r for s, r in runs[task][method].items() if s in seeds and "cost_over_map" in r]
+            if not chosen:
+                continue
+            mean = lambda get: statistics.fmean(get(r) for r in chosen)  # noqa: E731
+            lines.append(f"| {task} | {LABELS.get(method, method)} | {mean(lambda r: r['train_seconds']):.0f} "
+                         f"| {mean(lambda r: r['cost_over_map']['seconds']):.2f} | {mean(lambda r: r['peak_memory_mb']):.0f} "
+                         f"| {mean(lambda r: r['cost_over_map']['map_peak_memory_mb']):.0f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def reliability_grid(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], seeds: Iterable[int],
                      path: Path, n_bins: int = 10) -> Optional[Path]:
     """Tasks x methods reliability diagrams of the test split, seeds pooled (trained runs only)."""
@@ -252,6 +270,9 @@ def write_report(out: Path, seeds: Iterable[int], ensemble_size: int, shift: Map
     averaging = sample_averaging(runs, seeds)
     if averaging:
         text += ["## One posterior sample against the average (test, mean over seeds)", "", averaging]
+    costs = peer_costs(runs, seeds)
+    if costs:
+        text += ["## Post-hoc peers: cost over their MAP run (mean over seeds)", "", costs]
     shifted = shift_markdown(runs, seeds, shift)
     if shifted:
         text += ["## Distribution shift", "", shifted]

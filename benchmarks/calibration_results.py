@@ -8,6 +8,8 @@
 with METHOD the registry's names, post-hoc rows as ``delta+temperature`` / ``flow+temperature``, and the
 validation-selected checkpoint of a trained method as ``METHOD@val`` (test metrics of the checkpoint with
 the lowest validation NLL). Fractions, not percents; the last checkpoint of the long protocol otherwise.
+The post-hoc peers (``laplace_last_layer``, ``laplace_lora``, ``laplace_lora_val``, ``tfb``) add ``cost``:
+seconds and peak memory of their own step, and those of the MAP run they sit on.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
         for method, by_seed in methods.items():
             chosen = [r for s, r in by_seed.items() if s in seeds and split in r["metrics"]]
             if chosen:
-                rows[POSTHOC_NAMES.get(method, method)] = _row([r["metrics"][split] for r in chosen])
+                row = _row([r["metrics"][split] for r in chosen])
+                if all("cost_over_map" in r for r in chosen):  # a post-hoc peer: its own cost on top of the MAP run
+                    row["cost"] = {"seconds": _stat([r["train_seconds"] for r in chosen]),
+                                   "peak_memory_mb": _stat([r["peak_memory_mb"] for r in chosen]),
+                                   "map_seconds": _stat([r["cost_over_map"]["map_seconds"] for r in chosen]),
+                                   "map_peak_memory_mb": _stat([r["cost_over_map"]["map_peak_memory_mb"] for r in chosen])}
+                rows[POSTHOC_NAMES.get(method, method)] = row
             selected = [r["selected"]["metrics"][split] for s, r in by_seed.items()
                         if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)]
             if selected:

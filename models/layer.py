@@ -218,9 +218,14 @@ class BayesianLoRALinear(nn.Module):
         self._sampled = (a, b)
 
     def set_draws(self, weights: Mapping[str, Tensor]) -> None:
-        """Fix this layer's factors from joint draws keyed by Pyro site name (``*.W``); a point layer has none."""
+        """Fix this layer's factors from joint draws keyed by Pyro site name (``*.W``).
+
+        A point layer has no draws: its factors go back to its parameters (dropping any override).
+        """
         if self.bayesian:
             self.set_adapter_weights(weights[self.lora_A.site_w], weights[self.lora_B.site_w])
+        else:
+            self._sampled = None
 
     def clear_adapter_weights(self) -> None:
         self._sampled = None
@@ -242,15 +247,17 @@ class BayesianLoRALinear(nn.Module):
         return (a, b) if isinstance(gain, float) else (a * gain.to(a.dtype), b)
 
     def adapter_weights(self) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` of the next forwards: a point layer's parameters, else the draw set last."""
+        """``(A, B)`` of the next forwards: the factors set last (:meth:`set_adapter_weights`), else a point
+        layer's parameters. Post-hoc methods (TFB, Laplace-LoRA) override a point layer's factors this way;
+        :meth:`set_draws` (``FitResult.use_posterior_mean``) puts its parameters back."""
+        if self._sampled is not None:
+            return self._sampled
         if not self.bayesian:
             return self.lora_A_weight, self.lora_B_weight
-        if self._sampled is None:
-            raise RuntimeError(
-                f"{self.layer_name} has no sampled adapter weights: run the network through "
-                "pyro_blora (FitResult.predict, BayesianLoRAModel), or call FitResult.use_posterior_mean()"
-            )
-        return self._sampled
+        raise RuntimeError(
+            f"{self.layer_name} has no sampled adapter weights: run the network through "
+            "pyro_blora (FitResult.predict, BayesianLoRAModel), or call FitResult.use_posterior_mean()"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)

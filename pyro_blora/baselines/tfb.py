@@ -25,7 +25,8 @@ found by binary search, every candidate scored with the same seeded noise
 (common random numbers). One ``sigma`` is shared by every adapted module (as in
 the paper) and recorded per module; ``per_module=True`` searches one per module
 in turn, the ones already found in place. ``tolerance = 0`` gives ``sigma = 0``: the MAP.
-Plain (non-Bayesian) LoRA layers, which hold parameters rather than draws, stay at MAP.
+Every adapted layer is perturbed: plain LoRA layers (a MAP run's default) through the layer's factor
+override (``set_adapter_weights``), Bayesian layers around their posterior mean.
 """
 
 from __future__ import annotations
@@ -64,19 +65,20 @@ class _Factors:
 
 
 def map_factors(map_result: FitResult) -> dict[str, _Factors]:
-    """``A``, ``B`` and ``V diag(d)^{-1}`` (zero where ``d = 0``) of every Bayesian layer at the MAP."""
+    """``A``, ``B`` and ``V diag(d)^{-1}`` (zero where ``d = 0``) of every adapted layer at the MAP.
+
+    Plain LoRA layers (what a MAP run trains by default) and Bayesian layers at their posterior mean alike.
+    """
     map_result.use_posterior_mean()
     out = {}
     for layer in map_result.model.layers:
-        if not layer.bayesian:
-            continue
         a, b = (t.detach().clone() for t in layer.adapter_weights())
         _, d, vh = torch.linalg.svd(b.double(), full_matrices=False)
         keep = d > (d.max() * 1e-8 if d.numel() else 0.0)
         inverse = torch.where(keep, 1.0 / d.clamp_min(1e-300), torch.zeros_like(d))
         out[layer.layer_name] = _Factors(a, b, vh.T * inverse)  # float64: 1/d can be large
     if not out:
-        raise ValueError("TFB perturbs the A factors of Bayesian layers, and this fit has none (bayesian_modules is empty)")
+        raise ValueError("TFB perturbs the A factors of LoRA layers, and this fit has none")
     return out
 
 
@@ -177,11 +179,11 @@ def search_sigma(
 
 
 class TFBResult(WrappedPosterior):
-    """A MAP LoRA fit with TFB's low-rank Gaussian over each Bayesian layer's ``A`` factor.
+    """A MAP LoRA fit with TFB's low-rank Gaussian over each adapted layer's ``A`` factor.
 
     Attributes:
         map_result: the MAP :class:`FitResult`.
-        sigma: the noise sd per adapted (Bayesian) module.
+        sigma: the noise sd per adapted module.
         tolerance: the allowed anchor-NLL increase (nats) the search ran with.
         map_nll: MAP's anchor NLL.
         search: every ``sigma`` the search tried, with its anchor NLL and feasibility.
@@ -194,7 +196,7 @@ class TFBResult(WrappedPosterior):
         self.map_result = map_result
         self.factors = map_factors(map_result)
         if set(sigma) != set(self.factors):
-            raise ValueError(f"sigma names modules {sorted(sigma)}, but the fit's Bayesian layers are {sorted(self.factors)}")
+            raise ValueError(f"sigma names modules {sorted(sigma)}, but the fit's adapted layers are {sorted(self.factors)}")
         if any(not (0 <= float(s) < float("inf")) for s in sigma.values()):
             raise ValueError(f"every sigma must be a finite number >= 0, got {sigma}")
         self.sigma = {k: float(v) for k, v in sigma.items()}
@@ -250,7 +252,7 @@ def tfb_from_map(
     """TFB around a finished MAP run: search ``sigma`` on ``val_data`` (never the test split); no retraining.
 
     Args:
-        map_result: a MAP fit (``guide="delta"``) with Bayesian layers.
+        map_result: a MAP fit (``guide="delta"``).
         val_data: labelled anchor data.
         tolerance: the allowed anchor-NLL increase over MAP, in nats per example.
         search_bounds: ``(low, high)`` of ``sigma``.

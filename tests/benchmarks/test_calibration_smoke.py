@@ -1,6 +1,6 @@
 """Smoke test of the calibration benchmark runner on a tiny random Llama with the real tokenizer.
 
-One subprocess runs MAP (with its Laplace fit and the extra MAP seeds the
+One subprocess runs MAP (with its post-hoc peers and the extra MAP seeds the
 ensemble needs) and flow on the drug reviews, plus the OpenBookQA -> ARC shift
 protocol when ../shared/data is there; a second call must find every run done.
 """
@@ -36,7 +36,11 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
 
     task_dir = tmp_path / "drug_reviews_binary"
     assert sorted(p.name for p in (task_dir / "delta").glob("*.json")) == ["seed0.json", "seed1.json", "seed2.json"]
-    assert (task_dir / "laplace" / "seed0.json").exists() and (task_dir / "flow" / "seed0.safetensors").exists()
+    assert (task_dir / "flow" / "seed0.safetensors").exists()
+    for peer in ("laplace_last_layer", "laplace_lora", "laplace_lora_val", "tfb"):  # fitted on each MAP run
+        peer_record = json.loads((task_dir / peer / "seed0.json").read_text())
+        assert peer_record["cost_over_map"]["map_seconds"] > 0 and peer_record["peak_memory_mb"] >= 0
+        assert 0.0 <= peer_record["metrics"]["test"]["ece"] <= 1.0
     record = json.loads((task_dir / "flow" / "seed0.json").read_text())
     assert record["settings"]["model"] == str(tiny_model_dir)
     for split in ("validation", "test"):
@@ -48,15 +52,19 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert record["trajectory"][-1]["test"] == record["metrics"]["test"]  # the last checkpoint is the reported run
     results = json.loads((tmp_path / "calibration.json").read_text())
     rows = results["tasks"]["drug_reviews_binary"]
-    assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val"} <= set(rows)
+    assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val", "laplace_last_layer",
+            "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
+    assert rows["tfb"]["cost"]["seconds"]["mean"] > 0 and "cost" not in rows["delta"]
     assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds"} and rows["flow"]["seeds"] == 1
     assert 0 <= rows["flow"]["ece"]["mean"] <= 1 and results["protocol"]["ece_bins"] == 15
     assert (tmp_path / "trajectory.png").stat().st_size > 5_000
 
     summary = (tmp_path / "summary.md").read_text()
-    for row in ("MAP LoRA", "MAP + temperature", "ensemble (3 MAP)", "last-layer Laplace", "B-LoRA flow"):
+    for row in ("MAP LoRA", "MAP + temperature", "ensemble (3 MAP)", "last-layer Laplace", "Laplace-LoRA (marglik)", "TFB",
+                "B-LoRA flow"):
         assert row in summary
     assert "Bayesian-LoRA (flow) against MAP LoRA" in summary and "MI (nats)" in summary
+    assert "cost over their MAP run" in summary
     # sampled methods only: flow's 4 draws against its first draw; MAP has one draw and no row
     averaging = summary.split("One posterior sample against the average")[1].split("\n## ")[0]
     assert "| drug_reviews_binary | B-LoRA flow | 4 |" in averaging and "MAP LoRA" not in averaging

@@ -19,19 +19,20 @@ K-FAC needs each LoRA factor as an ``nn.Linear``: :class:`LoRAClassifier` holds
 ``A_l`` (``Linear(d_in, r)``) and ``B_l`` (``Linear(r, d_out)``) of every Bayesian
 layer, zeroes the layer's own update and adds ``(alpha / r) B_l A_l x`` by a
 forward hook, so the network computes the MAP function with only these weights
-requiring grad. Plain (non-Bayesian) LoRA layers stay at MAP. Needs the
+requiring grad. Layers outside ``modules`` stay at MAP. Needs the
 ``baselines`` extra (``pip install pyro-blora[baselines]``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pyro_blora.inject import matches
 from pyro_blora.result import FitResult
 from pyro_blora.tasks.base import Task
 
@@ -60,17 +61,20 @@ class LoRAClassifier(nn.Module):
     """``batch -> task.class_logits(net, batch)`` with the MAP LoRA weights as this module's only parameters.
 
     The network is kept outside the module tree (a plain attribute), so
-    ``parameters()`` are exactly the LoRA factors of the Bayesian layers; the
-    base model never enters laplace-torch's Jacobians or curvature.
+    ``parameters()`` are exactly the LoRA factors of the chosen layers (``modules``,
+    matched like ``target_modules``; None: every adapted layer, plain or Bayesian);
+    the base model never enters laplace-torch's Jacobians or curvature, and the
+    layers left out stay at MAP.
     """
 
-    def __init__(self, map_result: FitResult):
+    def __init__(self, map_result: FitResult, modules: Optional[Sequence[str]] = None):
         super().__init__()
         object.__setattr__(self, "_map", map_result)
         map_result.use_posterior_mean()
-        layers = [layer for layer in map_result.model.layers if layer.bayesian]
+        layers = [layer for layer in map_result.model.layers if modules is None or matches(layer.layer_name, modules)]
         if not layers:
-            raise ValueError("Laplace-LoRA puts its posterior on Bayesian layers, and this fit has none")
+            names = [layer.layer_name for layer in map_result.model.layers]
+            raise ValueError(f"Laplace-LoRA modules {list(modules or [])} match none of the fit's adapted layers {names}")
         object.__setattr__(self, "_layers", layers)
         self.paths = nn.ModuleList(LoRAPath(*(t.detach() for t in layer.adapter_weights()), float(layer.update_scale)) for layer in layers)
 
@@ -107,7 +111,10 @@ def build_laplace(wrapper: LoRAClassifier) -> Any:
         raise ImportError("laplace_lora needs laplace-torch: pip install 'pyro-blora[baselines]'") from err
     for param in wrapper.parameters():
         param.requires_grad_(True)
-    return Laplace(wrapper, "classification", subset_of_weights="all", hessian_structure="kron")
+    # laplace-torch reads the batch size (and device) off ``batch[dict_key_x]``: cached batches carry
+    # ``inputs_embeds`` instead of ``input_ids``, and every task's batches carry an ``attention_mask``
+    return Laplace(wrapper, "classification", subset_of_weights="all", hessian_structure="kron",
+                   dict_key_x="attention_mask")
 
 
 def kron_factors(la: Any) -> dict[str, Tensor]:

@@ -63,7 +63,7 @@ def _frozen(map_result: FitResult) -> Iterator[None]:
 
 
 class LaplaceLoRAResult(WrappedPosterior):
-    """A MAP LoRA fit plus laplace-torch's ``KronLaplace`` over all its (Bayesian-layer) LoRA weights.
+    """A MAP LoRA fit plus laplace-torch's ``KronLaplace`` over its LoRA weights (every adapted layer by default).
 
     Attributes:
         map_result: the MAP :class:`FitResult`.
@@ -71,17 +71,19 @@ class LaplaceLoRAResult(WrappedPosterior):
         la: the fitted ``laplace.KronLaplace``.
         link_approx: ``"probit"`` or ``"mc"``.
         tuning: what chose ``tau`` (marginal likelihood, or the validation NLL of each grid value).
+        modules: the ``modules`` spec the wrapper was built with (None: every adapted layer).
     """
 
     method = "laplace_lora"
     is_deterministic = False
 
     def __init__(self, map_result: FitResult, wrapper: LoRAClassifier, la: Any, link_approx: str = "probit",
-                 tuning: Optional[dict[str, Any]] = None):
+                 tuning: Optional[dict[str, Any]] = None, modules: Optional[Sequence[str]] = None):
         if link_approx not in LINKS:
             raise ValueError(f"unknown link_approx {link_approx!r}; choose one of {list(LINKS)}")
         self.map_result, self.wrapper, self.la, self.link_approx = map_result, wrapper, la, link_approx
         self.tuning = dict(tuning or {})
+        self.modules = None if modules is None else list(modules)
 
     @property
     def inner(self) -> FitResult:
@@ -162,7 +164,7 @@ class LaplaceLoRAResult(WrappedPosterior):
         write_method_file(folder, {
             "method": self.method, "format_version": _FORMAT, "prior_precision": self.prior_precision,
             "link_approx": self.link_approx, "n_data": int(self.la.n_data), "n_outputs": int(self.la.n_outputs),
-            "loss": float(self.la.loss), "kfac_bytes": self.kfac_bytes, "tuning": self.tuning,
+            "loss": float(self.la.loss), "kfac_bytes": self.kfac_bytes, "tuning": self.tuning, "modules": self.modules,
         })
         return folder
 
@@ -202,6 +204,7 @@ def laplace_lora_from_map(
     prior_method: str = "marglik", prior_precision: Optional[float] = None,
     prior_precision_grid: Sequence[float] = DEFAULT_GRID, marglik_steps: int = 100, tune_samples: int = 16,
     tune_seed: int = 0, max_kfac_gib: float = 4.0, batch_size: Optional[int] = None,
+    modules: Optional[Sequence[str]] = None,
 ) -> LaplaceLoRAResult:
     """K-FAC Laplace over every LoRA weight of a finished MAP run (no retraining).
 
@@ -215,17 +218,19 @@ def laplace_lora_from_map(
         tune_samples, tune_seed: draws (and their seed) per example when tuning with ``"mc"``.
         max_kfac_gib: refuse (before any curvature is computed) K-FAC factors larger than this.
         batch_size: examples per forward (default: the MAP run's batch size).
+        modules: adapted modules under the posterior, matched like ``target_modules`` (None: all); the rest stay
+            at MAP. An ``lm_head`` over a 49k vocabulary needs a 49k x 49k K-FAC factor, so leave it out.
     """
     if not isinstance(map_result, FitResult) or not map_result.is_deterministic:
         raise ValueError(f"Laplace-LoRA expands around a MAP fit (guide='delta'), got {type(map_result).__name__}")
     _check(link_approx, prior_method, prior_precision, val_data)
     batch_size = batch_size or map_result.train_config.batch_size
-    wrapper = LoRAClassifier(map_result)
+    wrapper = LoRAClassifier(map_result, modules)
     check_kfac_size(wrapper, max_kfac_gib)
     la = build_laplace(wrapper)
     with _frozen(map_result):
         la.fit(make_loader(train_data, map_result.task, batch_size, shuffle=False))
-    result = LaplaceLoRAResult(map_result, wrapper, la, link_approx)
+    result = LaplaceLoRAResult(map_result, wrapper, la, link_approx, modules=modules)
     if prior_precision is not None:
         la.prior_precision = float(prior_precision)
         result.tuning = {"prior_method": "given"}
@@ -247,6 +252,8 @@ class LaplaceLoRAOptions:
     tune_samples: int = field(default=16, metadata={"help": "Draws per example when tuning with mc."})
     tune_seed: int = field(default=0, metadata={"help": "Seed of those draws."})
     max_kfac_gib: float = field(default=4.0, metadata={"help": "Refuse K-FAC factors larger than this (GiB)."})
+    modules: Optional[Sequence[str]] = field(default=None, metadata={
+        "help": "Adapted modules under the posterior, matched like target_modules (None: all); the rest stay MAP."})
 
     def __post_init__(self) -> None:
         _check(self.link_approx, self.prior_method, self.prior_precision, val_data=True)
@@ -271,11 +278,12 @@ def load_laplace_lora(path: Union[str, "os.PathLike[str]"], model: Any, task: Op
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{folder / KFAC_NAME} could not be read (missing, truncated or corrupted?): {err}") from err
     map_result = load_fit_result(folder, model, task=task, guide=guide, check_base=check_base)
-    wrapper = LoRAClassifier(map_result)
+    wrapper = LoRAClassifier(map_result, meta.get("modules"))
     la = build_laplace(wrapper)
     set_kron_factors(la, factors, meta["n_data"], meta["n_outputs"], meta.get("loss", 0.0))
     la.prior_precision = float(meta["prior_precision"])
-    return LaplaceLoRAResult(map_result, wrapper, la, meta.get("link_approx", "probit"), meta.get("tuning"))
+    return LaplaceLoRAResult(map_result, wrapper, la, meta.get("link_approx", "probit"), meta.get("tuning"),
+                             modules=meta.get("modules"))
 
 
 register_method(Method(

@@ -1,0 +1,76 @@
+"""The post-hoc peers of ``calibration.py``, fitted on each MAP run's weights right after it trains.
+
+Each peer reuses a finished MAP LoRA run (no retraining) and is scored on the same
+validation, test and shift sets; its record holds its own cost (seconds and peak
+memory of the post-hoc step) next to the MAP run's, so the report can state the
+overhead. Selection inside a peer (a prior precision, TFB's sd) reads the
+validation split only.
+
+* ``laplace_last_layer``: last-layer Laplace on the answer head (K-FAC GGN of the
+  answer rows, GLM predictive), answer-token tasks only: with choice likelihood the
+  class logits are sums of token log-probabilities, not linear in one head;
+* ``laplace_lora``: laplace-torch's K-FAC Laplace over the LoRA weights of
+  ``LAPLACE_LORA_MODULES`` (Yang et al., ICLR 2024), prior precision by the Laplace
+  marginal likelihood, probit GLM predictive; ``laplace_lora_val``: the same, prior
+  precision by validation NLL on a grid;
+* ``tfb``: training-free Bayesianization (Shi et al., 2025), one isotropic sd on every
+  LoRA ``A`` whose validation NLL stays within ``TFB_TOLERANCE`` of MAP's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+LAPLACE_LORA_MODULES = ["q_proj", "v_proj"]
+"""The ``lm_head`` LoRA is left at MAP: its ``B`` (49,152 x 8) needs a 49,152^2 K-FAC factor (9 GiB in fp32)."""
+TFB_TOLERANCE = 0.01
+"""Nats of validation NLL TFB may add to MAP's (the library default)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """How one post-hoc method is built from a MAP fit and the prepared splits, and where it applies."""
+
+    build: Callable[[Any, Any], Any]
+    scorings: tuple[str, ...] = ("answer_token", "choice_likelihood")
+
+
+def _laplace_last_layer(map_result: Any, prepared: Any) -> Any:
+    from pyro_blora.baselines.laplace.posterior import laplace_from_map
+
+    return laplace_from_map(map_result, prepared.train, prepared.validation)
+
+
+def _laplace_lora(prior_method: str) -> Callable[[Any, Any], Any]:
+    def build(map_result: Any, prepared: Any) -> Any:
+        from pyro_blora.baselines.laplace.lora_posterior import laplace_lora_from_map
+
+        return laplace_lora_from_map(map_result, prepared.train, prepared.validation, prior_method=prior_method,
+                                     modules=LAPLACE_LORA_MODULES)
+
+    return build
+
+
+def _tfb(map_result: Any, prepared: Any) -> Any:
+    from pyro_blora.baselines.tfb import tfb_from_map
+
+    return tfb_from_map(map_result, prepared.validation, tolerance=TFB_TOLERANCE)
+
+
+PEERS: dict[str, Peer] = {
+    "laplace_last_layer": Peer(_laplace_last_layer, scorings=("answer_token",)),
+    "laplace_lora": Peer(_laplace_lora("marglik")),
+    "laplace_lora_val": Peer(_laplace_lora("val_nll")),
+    "tfb": Peer(_tfb),
+}
+
+
+def peer_summary(name: str, result: Any) -> dict[str, Any]:
+    """What a peer chose (prior precision, sd, K-FAC memory), stored in its run record."""
+    out: dict[str, Any] = {}
+    for attribute in ("prior_precision", "kfac_bytes", "sigma", "map_nll", "tuning"):
+        value = getattr(result, attribute, None)
+        if value is not None:
+            out[attribute] = value
+    return out
