@@ -27,14 +27,41 @@ and log-determinant through the ``m_r m_c`` square matrix::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["InducingGeometry", "CholeskyError", "robust_cholesky", "batched_cholesky"]
+__all__ = ["InducingGeometry", "CholeskyError", "robust_cholesky", "batched_cholesky", "deferred_checks"]
+
+_DEFERRED: Optional[list[tuple[str, Tensor]]] = None
+
+
+@contextlib.contextmanager
+def deferred_checks(flags: list[tuple[str, Tensor]]) -> Iterator[list[tuple[str, Tensor]]]:
+    """Inside the block, Cholesky factorisations do not read their failure flag on the host.
+
+    Each appends ``(description, failed)`` to ``flags`` (``failed`` a boolean tensor
+    on the device) and returns the plain factor, without jitter retries; the caller
+    reads the flags later (``TrainingState.flush``, every ``host_sync_every`` steps).
+    Training uses it after a first step whose factorisations ran with the checks
+    and retries, so that the steady-state step never waits for the device.
+    """
+    global _DEFERRED
+    previous, _DEFERRED = _DEFERRED, flags
+    try:
+        yield flags
+    finally:
+        _DEFERRED = previous
+
+
+def _deferred(factor: Tensor, info: Tensor, name: str) -> Tensor:
+    assert _DEFERRED is not None
+    _DEFERRED.append((f"the Cholesky factorisation of {name or 'an inducing kernel'}", (info != 0).any()))
+    return factor
 
 
 class CholeskyError(RuntimeError):
@@ -49,6 +76,8 @@ def robust_cholesky(matrix: Tensor, jitter: float = 1e-6, max_tries: int = 4, na
     the layer and the ``jitter`` setting when every try fails.
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
+    if _DEFERRED is not None:
+        return _deferred(factor, info, name)
     if not bool(info.any()):
         return factor
     if not torch.isfinite(matrix).all():
@@ -77,9 +106,11 @@ def batched_cholesky(
 
     Matrices the plain factorisation rejects are redone one by one with
     :func:`robust_cholesky` (growing jitter, an error naming the factor). One
-    host synchronisation per batch reads the failure flags.
+    host synchronisation per batch reads the failure flags (none inside :func:`deferred_checks`).
     """
     factor, info = torch.linalg.cholesky_ex(matrices)
+    if _DEFERRED is not None:
+        return _deferred(factor, info, ", ".join(n for n in (names or []) if n))
     if not bool(info.any()):
         return factor
     count = matrices.shape[0]

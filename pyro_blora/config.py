@@ -152,6 +152,11 @@ class TrainConfig:
     )
     warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
     max_grad_norm: Optional[float] = _help("Clip the global gradient norm (None: no clipping).", 1.0)
+    host_sync_every: int = _help(
+        "Steps between the host's reads of the step statistics (the loss history, the progress bar, the check "
+        "for a non-finite loss or a failed Cholesky): steps in between never wait for the device. A failure is "
+        "then reported up to this many steps late, naming the step it happened in; 1 checks every step.", 16,
+    )
     kl_weight: float = _help("beta: weight of the KL terms (1 = proper ELBO).", 1.0)
     kl_warmup: float = _help("Fraction of the steps over which beta ramps linearly up to kl_weight.", 0.2)
     kl_start: float = _help(
@@ -211,6 +216,8 @@ class TrainConfig:
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"max_grad_norm must be positive or None (no clipping), got {self.max_grad_norm!r}",
         )
+        _check(isinstance(self.host_sync_every, int) and self.host_sync_every >= 1,
+               f"host_sync_every must be an integer >= 1, got {self.host_sync_every!r}")
         _check(self.eval_every is None or self.eval_every >= 1, f"eval_every must be >= 1 or None, got {self.eval_every!r}")
         _check(
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,

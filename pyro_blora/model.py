@@ -17,6 +17,7 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import pyro
 import pyro.distributions as dist
+from pyro.poutine.util import is_validation_enabled
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,15 +30,18 @@ from .tasks.base import Task
 __all__ = ["BayesianLoRAModel", "check_labels"]
 
 
-def check_labels(labels: Any, num_classes: int) -> Tensor:
-    """Integer labels in ``[0, num_classes)``, or a ``ValueError`` that says what is wrong."""
+def check_labels(labels: Any, num_classes: int, check_range: bool = True) -> Tensor:
+    """Integer labels in ``[0, num_classes)``, or a ``ValueError`` that says what is wrong.
+
+    ``check_range=False`` skips the range check, the one that reads the values (a host sync on a GPU).
+    """
     if not isinstance(labels, Tensor):
         raise ValueError(f"labels must be a tensor of class indices, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"labels must have shape (batch,), got {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if check_range and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)].unique()[:5].tolist()
         raise ValueError(f"labels {bad} out of range for {num_classes} classes (valid: 0..{num_classes - 1})")
     return labels.long()
@@ -75,9 +79,9 @@ class BayesianLoRAModel(nn.Module):
         self.entropy_bonus = 0.0
 
     @property
-    def last_nll(self) -> float:
-        """Mean per-example NLL over the particles of the last ELBO evaluation."""
-        return float(torch.stack(self.particle_nll).mean()) if self.particle_nll else float("nan")
+    def last_nll(self) -> Tensor:
+        """Mean per-example NLL over the particles of the last ELBO evaluation (a 0-d tensor on the device)."""
+        return torch.stack(self.particle_nll).mean() if self.particle_nll else torch.tensor(float("nan"))
 
     def sample_adapters(self) -> None:
         """Sample every Bayesian factor (Pyro sites ``*.U`` and ``*.W``) into its layer."""
@@ -100,9 +104,12 @@ class BayesianLoRAModel(nn.Module):
         if "labels" not in batch:
             raise ValueError(f"a training batch needs 'labels'; it has {sorted(batch)}")
         logits = self.class_logits(batch)
-        if not torch.isfinite(logits).all():
+        # value checks read the device: only with validation on (fit's first step); later steps' non-finite
+        # losses are caught when TrainingState.flush reads them
+        checking = is_validation_enabled()
+        if checking and not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced non-finite class logits")
-        labels = check_labels(batch["labels"], logits.shape[-1]).to(logits.device)
+        labels = check_labels(batch["labels"], logits.shape[-1], check_range=checking).to(logits.device)
         with torch.no_grad():
             self.particle_nll.append(F.cross_entropy(logits.float(), labels))
         with pyro.plate("data", self.num_data, subsample=torch.arange(len(labels), device=logits.device)):

@@ -96,13 +96,56 @@ class TrainingState:
     interrupted: bool = False
     """Ctrl-C arrived during this step: checkpoint now and stop."""
 
-    def record(self, loss: float, nll: float, num_data: int, beta: float, lr: float) -> None:
-        """Split the loss ``N * nll + beta * KL`` into its parts and log the unweighted ELBO."""
+    sync_every: int = 1
+    """Steps whose statistics are kept on the device before the host reads them (``TrainConfig.host_sync_every``)."""
+    pending: list[tuple[int, Any, Any, float, float]] = field(default_factory=list, repr=False)
+    """Recorded steps not yet in ``history``: ``(step, loss, nll, beta, lr)``, loss and nll still tensors."""
+    deferred_checks: list[tuple[int, str, Tensor]] = field(default_factory=list, repr=False)
+    """``(step, what, failed)`` flags steps left on the device (a Cholesky's ``info``), read at :meth:`flush`."""
+
+    def record(self, loss: Union[Tensor, float], nll: Union[Tensor, float], num_data: int, beta: float,
+               lr: float) -> bool:
+        """Count the step and keep its statistics; every ``sync_every`` steps :meth:`flush` them. True if flushed."""
         self.step += 1
-        kl = (loss - num_data * nll) / beta if beta > 0 else float("nan")
-        for key, value in (("step", self.step), ("loss", loss), ("nll", nll), ("kl", kl), ("beta", beta), ("lr", lr)):
-            self.history[key].append(float(value))
-        self.history["elbo"].append(-(num_data * nll + kl))
+        self.num_data = num_data
+        self.pending.append((self.step, loss, nll, float(beta), float(lr)))
+        if len(self.pending) >= self.sync_every:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        """Read the pending steps in one host transfer, check them, and append them to ``history``.
+
+        Splits each loss ``N * nll + beta * KL`` into its parts and logs the unweighted ELBO. Raises
+        ``FloatingPointError`` at the first failed step (counted from 0, as the other training errors; ``history["step"]``
+        counts from 1): the factor whose Cholesky failed, else the non-finite loss.
+        """
+        pending, checks = self.pending, self.deferred_checks
+        self.pending, self.deferred_checks = [], []
+        if not pending and not checks:
+            return
+        raw = [v for _, loss, nll, _, _ in pending for v in (loss, nll)]
+        device = next((v.device for v in raw if isinstance(v, Tensor)),
+                      checks[0][2].device if checks else torch.device("cpu"))
+        values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in raw]
+                             + [flag.reshape(()).to(device, torch.float64) for _, _, flag in checks]).tolist()
+        failed = {}
+        for (step, what, _), value in zip(checks, values[len(raw):]):
+            if value and step not in failed:
+                failed[step] = what
+        for index, (step, _, _, beta, lr) in enumerate(pending):
+            loss, nll = values[2 * index], values[2 * index + 1]
+            if step in failed:
+                raise FloatingPointError(f"{failed[step]} failed at step {step - 1}; raise BLoRAConfig.jitter or lower lr")
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {step - 1}; lower lr, raise jitter, or check the inputs for NaN"
+                )
+            kl = (loss - self.num_data * nll) / beta if beta > 0 else float("nan")
+            for key, value in (("step", step), ("loss", loss), ("nll", nll), ("kl", kl), ("beta", beta), ("lr", lr)):
+                self.history[key].append(float(value))
+            self.history["elbo"].append(-(self.num_data * nll + kl))
         self.result.history = self.history
 
     def record_validation(self, metrics: dict[str, float]) -> None:

@@ -101,6 +101,7 @@ class CheckpointWriter:
         return False
 
     def write(self, state: TrainingState) -> None:
+        state.flush()  # the checkpoint's history must hold every step up to this one
         epoch, batch_index = state.position
         extra = {"history": state.history, "validation": state.validation, **self.monitor.state_dict()}
         save_checkpoint(

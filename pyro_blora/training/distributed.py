@@ -145,13 +145,14 @@ class StepResult:
     """One optimiser step's numbers, averaged over micro-batches and processes.
 
     Attributes:
-        loss: the ELBO loss of the global batch (``N/|batch|`` scaled likelihood plus ``beta`` KL).
-        nll: mean per-example NLL of the global batch.
+        loss: the ELBO loss of the global batch (``N/|batch|`` scaled likelihood plus ``beta`` KL), a 0-d
+            tensor on the device (a float after a multi-process average).
+        nll: mean per-example NLL of the global batch, likewise.
         error: a ``FloatingPointError`` raised on this or another process; the step must not be taken.
     """
 
-    loss: float
-    nll: float
+    loss: Any
+    nll: Any
     error: Optional[FloatingPointError] = None
 
 
@@ -296,7 +297,9 @@ class ScaleOut:
         sizes = [_batch_size(batch) for batch in batches]
         total = sum(sizes)
         replay = _ReplayRandom(self.device) if len(batches) > 1 else None
-        loss, nll, error = 0.0, 0.0, None
+        loss: Any = 0.0
+        nll: Any = 0.0
+        error = None
         with self.full_precision():
             for j, (batch, size) in enumerate(zip(batches, sizes)):
                 if replay is not None and j:
@@ -307,13 +310,10 @@ class ScaleOut:
                     loss, error = math.nan, err
                     break
                 weight = size / total
-                number = float(value.detach())
-                if not math.isfinite(number):
-                    loss = number
-                    break
+                # statistics stay on the device (no host sync): TrainingState.flush reads and checks them
                 (value * weight).backward()
-                loss += weight * number
-                nll += weight * batch_nll
+                loss = loss + weight * value.detach()
+                nll = nll + weight * batch_nll
         if self.num_processes > 1:
             return self._average(params, loss, nll, error)
         return StepResult(loss, nll, error)
@@ -322,10 +322,10 @@ class ScaleOut:
         self, params: Sequence[nn.Parameter], loss: float, nll: float, error: Optional[FloatingPointError]
     ) -> StepResult:
         """All-reduce (mean) the gradients and the step's statistics in one flat tensor per dtype."""
-        stats = torch.tensor(
-            [loss, nll, float(error is not None)] + [float(p.grad is not None) for p in params],
-            dtype=torch.float64, device=self.device,
-        )
+        flags = torch.tensor([float(error is not None)] + [float(p.grad is not None) for p in params],
+                             dtype=torch.float64, device=self.device)
+        parts = [torch.as_tensor(v).detach().to(self.device, torch.float64).reshape(1) for v in (loss, nll)]
+        stats = torch.cat(parts + [flags])
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for index, param in enumerate(params):
             groups.setdefault((param.dtype, param.device), []).append(index)

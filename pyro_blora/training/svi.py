@@ -10,6 +10,7 @@ store), so the torch optimiser sees them directly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from pyro_blora.guides import BayesianLoRAGuide
 from pyro_blora.guides.options import DeltaOptions, FlowOptions, MultivariateNormalOptions, NormalOptions, changed_options
 from pyro_blora.guides.network import GuideSpec
+from pyro_blora.models.geometry import deferred_checks
 from pyro_blora.models.priors import shared_geometry
 
 from pyro_blora.training.callbacks import Callback, CheckpointWriter, ValidationMonitor, run_callbacks
@@ -163,33 +165,37 @@ class _Run:
         self.kl_scale = KLScale()
         self.scaled_model, self.scaled_guide = self.kl_scale(result.model), self.kl_scale(result.guide)
 
-    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, Any]:
+    def loss(self, batch: Any, state: TrainingState) -> tuple[torch.Tensor, Any]:
         bayes_model = self.result.model
         bayes_model.particle_nll.clear()
-        # Pyro's argument and shape checks run on the first step only: after that
-        # they cost a host sync per site and check what the first step checked.
-        with shared_geometry(), pyro.validation_enabled(step == self.start_step):
+        # The first step checks everything at once (Pyro's argument and shape checks, the labels' range,
+        # finite logits, Cholesky retries): after that each check would cost a host sync per site and
+        # check what the first step checked; the Cholesky's failure flag then waits on the device.
+        first, flags = state.step == self.start_step, []
+        deferred = contextlib.nullcontext() if first else deferred_checks(flags)
+        with shared_geometry(), pyro.validation_enabled(first), deferred:
             loss = self.elbo.differentiable_loss(self.scaled_model, self.scaled_guide, batch)
+        state.deferred_checks.extend((state.step + 1, what, failed) for what, failed in flags)
         return loss, bayes_model.last_nll
 
-    def step(self, scale: ScaleOut, batches: list[Any], state: TrainingState) -> None:
-        """One optimiser step on the global batch; raises FloatingPointError on a non-finite loss."""
+    def step(self, scale: ScaleOut, batches: list[Any], state: TrainingState) -> bool:
+        """One optimiser step on the global batch, without a host sync; True when the statistics were read.
+
+        A non-finite loss raises FloatingPointError when :meth:`TrainingState.flush` reads it (every
+        ``host_sync_every`` steps), naming the step.
+        """
         self.kl_scale.beta = kl_beta(self.train, state.step, self.total)
         self.optimizer.zero_grad(set_to_none=True)
         # gradients of the global batch (micro-batches, processes) averaged into params' .grad
-        outcome = scale.step(lambda batch: self.loss(batch, state.step), batches, self.params)
+        outcome = scale.step(lambda batch: self.loss(batch, state), batches, self.params)
         if outcome.error is not None:
             report = _non_finite_report(str(outcome.error), state.step, self.result.net, self.result.guide)
             raise FloatingPointError(report) from outcome.error
-        if not math.isfinite(outcome.loss):
-            raise FloatingPointError(
-                f"the loss became {outcome.loss} at step {state.step}; lower lr, raise jitter, or check the inputs for NaN"
-            )
         if self.train.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        state.record(outcome.loss, outcome.nll, state.num_data, self.kl_scale.beta, self.scheduler.get_last_lr()[0])
+        return state.record(outcome.loss, outcome.nll, state.num_data, self.kl_scale.beta, self.scheduler.get_last_lr()[0])
 
 
 def _resume(path: Any, run: _Run, state: TrainingState, monitor: ValidationMonitor, scale: ScaleOut, meta: dict) -> tuple[int, int]:
@@ -221,9 +227,9 @@ def _train(run: _Run, scale: ScaleOut, loader: DataLoader, state: TrainingState,
             for consumed, batches in scale.micro_batches(loader, skip):
                 if state.step >= state.total_steps:
                     break
-                run.step(scale, batches, state)
+                if run.step(scale, batches, state):
+                    bar.set_postfix(state.postfix(), refresh=False)
                 bar.update(1)
-                bar.set_postfix(state.postfix(), refresh=False)
                 state.stop = run_callbacks(callbacks, state) or state.stop
                 state.stop, state.interrupted = scale.agree(state.stop, interrupted.is_set())  # all processes alike
                 state.position = (epoch, consumed) if consumed < len(loader) else (epoch + 1, 0)
@@ -321,7 +327,9 @@ def _run_loop(result: FitResult, scale: ScaleOut, loader: DataLoader, meta: dict
               callbacks: Sequence[Callback], resume_from: Any) -> None:
     """Set up the optimiser, the built-in callbacks and a resumed state, then train ``result`` in place."""
     train = result.train_config
-    state = TrainingState(result=result, step=0, total_steps=meta["total_steps"], num_data=meta["num_data"])
+    state = TrainingState(result=result, step=0, total_steps=meta["total_steps"], num_data=meta["num_data"],
+                          sync_every=train.host_sync_every)
+    result.history = state.history  # filled in place as the host reads the steps (TrainingState.flush)
     run = _Run(result, train, meta["total_steps"], start_step=0)
     monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
     position = (0, 0) if resume_from is None else _resume(resume_from, run, state, monitor, scale, meta)
@@ -331,6 +339,7 @@ def _run_loop(result: FitResult, scale: ScaleOut, loader: DataLoader, meta: dict
                                        meta, monitor, enabled=scale.is_main_process)
     result.net.train()
     _train(run, scale, loader, state, position, [monitor, *callbacks], checkpoints)
+    state.flush()
     monitor.finish(state)
     result.net.eval()
 
