@@ -280,7 +280,15 @@ class ScaleOut:
         return contextlib.nullcontext()
 
     def full_precision(self) -> ContextManager[Any]:
-        """Autocast off (also a caller's): the guide, prior, ``W | U`` and KL run in their own dtypes."""
+        """Autocast off (also a caller's): the guide, prior, ``W | U`` and KL run in their own dtypes.
+
+        Nothing to turn off without bf16 and outside a caller's autocast: then no context at all. Entering
+        and leaving ``torch.autocast(enabled=False)`` every step made glibc's malloc hand the step's
+        activation memory back to the kernel and fault it in again (12k-45k minor page faults per SmolLM2
+        step with the default allocator, none without it: ``benchmarks/profile_step.py --faults``).
+        """
+        if self.mixed_precision != "bf16" and not torch.is_autocast_enabled(self.device.type):
+            return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     # ---------------------------------------------------------------- one step

@@ -91,6 +91,25 @@ def test_mc_is_seeded_and_save_load(fitted, tmp_path) -> None:
     torch.testing.assert_close(loaded.functional_variance(test), result.functional_variance(test), atol=1e-7, rtol=1e-5)
 
 
+def test_plain_lora_map_layers_and_modules(tiny_llama, smollm2_tokenizer) -> None:
+    """The pipeline's MAP is plain LoRA (bayesian_modules=[]): the posterior covers those layers, or the chosen ones."""
+    task = AnswerTokenTask(smollm2_tokenizer, [" A", " B", " C"], max_length=48)
+    config = BLoRAConfig(target_modules=["q_proj", "v_proj"], r=2, bayesian_modules=[], dropout=0.0)
+    map_result = pyro_blora.fit(tiny_llama, mc_data(12), guide="delta", task=task, config=config, num_steps=6,
+                                batch_size=4, lr=5e-2, seed=0, progress=False)
+    before = map_result.predict(mc_data(4, offset=20)).probs
+    la = laplace_lora_from_map(map_result, mc_data(12), prior_precision=1.0, modules=["q_proj"])
+    q_layers = [layer for layer in map_result.model.layers if layer.layer_name.endswith("q_proj")]
+    expected = sum(layer.lora_A_weight.numel() + layer.lora_B_weight.numel() for layer in q_layers)
+    assert la.modules == ["q_proj"] and la.la.n_params == expected
+    with la.at_prior_precision(1e8):
+        torch.testing.assert_close(la.predict(mc_data(4, offset=20)).probs, before, atol=1e-3, rtol=0)
+    assert float(la.functional_variance(mc_data(4, offset=20)).sum()) > 0
+    torch.testing.assert_close(map_result.predict(mc_data(4, offset=20)).probs, before)  # the MAP is left as it was
+    with pytest.raises(ValueError, match=r"modules \['o_proj'\] match none of the fit's adapted layers"):
+        laplace_lora_from_map(map_result, mc_data(4), prior_precision=1.0, modules=["o_proj"])
+
+
 def test_a_masked_choice_stays_impossible(fitted) -> None:
     result, _, _ = fitted
     two = [{"question": "Which one is red?", "choices": ["grass", "blood"], "label": 1}] + mc_data(2)
@@ -109,6 +128,10 @@ def test_val_nll_tuning_and_bad_options(fitted) -> None:
     grid = tuned.tuning["grid"]
     assert [row["prior_precision"] for row in grid] == [1e-2, 1.0, 1e2]
     assert tuned.prior_precision == pytest.approx(min(grid, key=lambda row: row["nll"])["prior_precision"], rel=1e-6)
+    # the grid reuses the validation Jacobians across tau: each entry is what predict scores at that tau
+    for row in grid:
+        with tuned.at_prior_precision(row["prior_precision"]):
+            assert tuned.evaluate(val)["nll"] == pytest.approx(row["nll"], rel=1e-5)
     with pytest.raises(ValueError, match="unknown link_approx 'bridge'"):
         laplace_lora_from_map(result.map_result, mc_data(4), link_approx="bridge")
     with pytest.raises(ValueError, match="pass val_data"):

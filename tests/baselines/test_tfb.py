@@ -115,3 +115,20 @@ def test_bad_inputs(tiny_llama, smollm2_tokenizer) -> None:
     with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
         run(guide_options={"iterations": 0})
     assert not pyro_blora.adapted_layers(tiny_llama)
+
+
+def test_plain_lora_map_is_perturbed_and_restored(tiny_llama, smollm2_tokenizer) -> None:
+    """The pipeline's MAP is plain LoRA (bayesian_modules=[]): TFB perturbs those layers' A and puts them back."""
+    task = AnswerTokenTask(smollm2_tokenizer, [" A", " B", " C"], max_length=48)
+    config = BLoRAConfig(target_modules=["q_proj", "v_proj"], r=2, bayesian_modules=[], dropout=0.0)
+    map_result = pyro_blora.fit(tiny_llama, mc_data(12), guide="delta", task=task, config=config, num_steps=8,
+                                batch_size=4, lr=5e-2, seed=0, progress=False)
+    val = mc_data(6, offset=12)
+    before = map_result.predict(val).probs
+    result = tfb_from_map(map_result, val, tolerance=0.05, search_bounds=(0.0, 4.0), iterations=6, num_samples=4)
+    assert set(result.sigma) == {layer.layer_name for layer in map_result.model.layers} and len(result.sigma) == 8
+    sigma = next(iter(result.sigma.values()))
+    assert 0 < sigma <= 4.0 and result.anchor_nll(val, sigma, num_samples=4) - result.map_nll <= 0.05
+    spread = result.predict(val, num_samples=4).sample_probs  # the noise reaches the output
+    assert float((spread - spread.mean(0)).abs().max()) > 0
+    torch.testing.assert_close(map_result.predict(val).probs, before)  # the plain layers got their parameters back

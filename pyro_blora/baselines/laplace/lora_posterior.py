@@ -124,23 +124,27 @@ class LaplaceLoRAResult(WrappedPosterior):
         generator = None if seed is None else torch.Generator(device=self.la._device).manual_seed(int(seed))
         with _frozen(self.map_result):
             for batch in make_loader(data, self.task, batch_size, shuffle=False):
-                if self.link_approx == "probit":
-                    p = self.la(batch, pred_type="glm", link_approx="probit")[None]
-                else:
-                    p = self._mc_probs(batch, num_samples, generator)
-                probs.append(p.detach().float().cpu())
+                f_mu, f_var = self.la._glm_predictive_distribution(batch)
+                probs.append(self._probs(f_mu, f_var, num_samples, generator).detach().float().cpu())
                 if "labels" in batch:
                     labels.append(torch.as_tensor(batch["labels"]).cpu())
         sample_probs = torch.cat(probs, dim=1)
         return Prediction(sample_probs.mean(0), sample_probs, torch.cat(labels) if labels else None)
 
-    def _mc_probs(self, batch: Any, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+    def _probs(self, f_mu: Tensor, f_var: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``(S, B, C)`` class probabilities of the GLM predictive ``N(f_mu, f_var)``: probit (``S = 1``,
+        laplace-torch's formula ``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``) or ``num_samples`` softmax draws."""
+        if self.link_approx == "probit":
+            kappa = 1 / torch.sqrt(1.0 + torch.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
+            return torch.softmax(kappa * f_mu, dim=-1)[None]
+        return self._mc_probs(f_mu, f_var, num_samples, generator)
+
+    def _mc_probs(self, f_mu: Tensor, f_var: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
         """``softmax(f_mu + R z)`` with ``R R^T = J Sigma J^T`` from a clamped eigendecomposition.
 
         laplace-torch's ``predictive_samples`` takes a Cholesky factor of ``J Sigma J^T``, which fails
         ("linalg.cholesky: ... not positive-definite") when a masked choice has zero variance; this root does not.
         """
-        f_mu, f_var = self.la._glm_predictive_distribution(batch)
         values, vectors = torch.linalg.eigh(f_var.detach().double())
         root = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
         z = torch.randn((num_samples, *f_mu.shape), generator=generator, dtype=torch.float64, device=f_mu.device)
@@ -178,11 +182,19 @@ def _tune(result: LaplaceLoRAResult, prior_method: str, val_data: Any, grid: Seq
                                                n_steps=marglik_steps)
             evidence = float(result.la.log_marginal_likelihood())
         return {"prior_method": "marglik", "log_marginal_likelihood": evidence}
+    # the Jacobians (the costly part: one backward pass per class and example) do not depend on tau:
+    # computed once, then each grid value costs only J Sigma(tau) J^T
+    with _frozen(result.map_result):
+        batches = [(*result.la.backend.jacobians(batch, enable_backprop=False), torch.as_tensor(batch["labels"]))
+                   for batch in make_loader(val_data, result.task, batch_size, shuffle=False)]
+    labels = torch.cat([y for _, _, y in batches]).cpu()
     table = []
     for tau in grid:
+        generator = torch.Generator(device=result.la._device).manual_seed(int(seed))  # the same draws for every tau
         with result.at_prior_precision(float(tau)):
-            prediction = result.predict(val_data, num_samples=samples, batch_size=batch_size, seed=seed)
-        table.append({"prior_precision": float(tau), "nll": negative_log_likelihood(prediction.probs, prediction.labels)})
+            probs = torch.cat([result._probs(f_mu.detach(), result.la.functional_variance(js).detach(), samples, generator)
+                               for js, f_mu, _ in batches], dim=1).mean(0).float().cpu()
+        table.append({"prior_precision": float(tau), "nll": negative_log_likelihood(probs, labels)})
     best = min(table, key=lambda row: row["nll"])
     result.la.prior_precision = best["prior_precision"]
     return {"prior_method": "val_nll", "grid": table}
