@@ -159,7 +159,15 @@ def test_gpu_check_json(runs):
     out, logs = runs
     data = json.loads((out / "gpu.json").read_text())
     assert data["settings"]["tiny"] is True and data["settings"]["device"] == "cpu"
-    assert set(data["results"]) == {"peft", "flow"}
-    for method, res in data["results"].items():
-        _positive(res["median_step_s"], f"{method} step")
-        _positive(data["ratios"][method]["step"], f"{method} ratio")
+    assert [(r["model"], r["precision"]) for r in data["runs"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    for run in data["runs"]:
+        assert set(run["results"]) == {"peft", "delta", "normal", "flow"}
+        for method, res in run["results"].items():
+            _positive(res["median_step_s"], f"{method} step")
+            _positive(res["predict_s"], f"{method} predict")
+            assert len(res["step_times_s"]) == data["settings"]["steps"]
+            for key in ("step", "memory", "predict4"):
+                assert key in run["ratios"][method]
+        assert run["ratios"]["peft"]["step"] == 1.0
+    table = (out / "gpu.md").read_text()
+    assert "| tiny | 4 x 16 | bf16 | flow |" in table and "predict4 x peft forward" in table
