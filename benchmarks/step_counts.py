@@ -41,10 +41,11 @@ def minor_faults() -> int:
 
 
 class StepCounter:
-    """A ``fit`` callback (and the peft loop's timer): faults per step, and aten ops of steps ``[start, stop)``."""
+    """A ``fit`` callback (and the peft loop's timer): faults per step, and (``profile``) aten ops of steps
+    ``[start, stop)``. The profiler allocates too, so faults are counted in runs without it."""
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
+    def __init__(self, start: int, stop: int, profile: bool):
+        self.start, self.stop = (start, stop) if profile else (-1, -1)
         self.faults: list[int] = []
         self.aten_ops: Optional[int] = None
         self._last = minor_faults()
@@ -69,8 +70,9 @@ class StepCounter:
         return False
 
 
-def measure(variant: str, model_name: str, steps: int, batch_size: int, seq_len: int) -> dict[str, Any]:
-    """One variant in this process: faults of every step and aten ops per step over the steps after 2 warm-up ones."""
+def measure(variant: str, model_name: str, steps: int, batch_size: int, seq_len: int, count: str) -> dict[str, Any]:
+    """One variant in this process, over the steps after 2 warm-up ones: aten ops per step (``count="ops"``)
+    or the minor faults of each step (``"faults"``)."""
     import torch
 
     import common
@@ -79,15 +81,16 @@ def measure(variant: str, model_name: str, steps: int, batch_size: int, seq_len:
     model, answer_ids, vocab = common.build_model(model_name)
     task = common.AnswerLogitsTask(answer_ids)
     data = common.make_examples(batch_size * 4, seq_len, vocab, task.num_classes)
-    counter = StepCounter(start=2, stop=2 + steps)
+    counter = StepCounter(start=2, stop=2 + steps, profile=count == "ops")
     total = 2 + steps
     if variant == "peft":
         common.train_loop(common.peft_model(model), task, data, total, batch_size, counter)
     else:
         common.blora_fit(model, task, data, variant, total, batch_size, counter)
+    if count == "ops":
+        return {"aten_ops_per_step": (counter.aten_ops or 0) / steps}
     steady = counter.faults[2:]
-    return {"aten_ops_per_step": (counter.aten_ops or 0) / steps, "minor_faults_per_step": steady,
-            "minor_faults_median": statistics.median(steady) if steady else 0}
+    return {"minor_faults_per_step": steady, "minor_faults_median": statistics.median(steady) if steady else 0}
 
 
 def run(variants: list[str], model_name: str, steps: int, batch_size: int, seq_len: int,
@@ -96,14 +99,16 @@ def run(variants: list[str], model_name: str, steps: int, batch_size: int, seq_l
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pyro_blora_counts_") as tmp:
         for variant in variants:
-            path = Path(tmp) / f"{variant}.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model_name,
-                       "--steps", str(steps), "--batch-size", str(batch_size), "--seq-len", str(seq_len),
-                       "--output", str(path)]
-            done = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"step_counts child {variant} failed:\n{done.stderr[-2000:]}")
-            out[variant] = json.loads(path.read_text())
+            out[variant] = {}
+            for count in ("ops", "faults"):
+                path = Path(tmp) / f"{variant}-{count}.json"
+                command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--count", count,
+                           "--model", model_name, "--steps", str(steps), "--batch-size", str(batch_size),
+                           "--seq-len", str(seq_len), "--output", str(path)]
+                done = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"step_counts child {variant} ({count}) failed:\n{done.stderr[-2000:]}")
+                out[variant].update(json.loads(path.read_text()))
     if "peft" in out and out["peft"]["aten_ops_per_step"]:
         for variant in out:
             out[variant]["aten_ops_ratio"] = out[variant]["aten_ops_per_step"] / out["peft"]["aten_ops_per_step"]
@@ -120,9 +125,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--malloc", choices=["default", "pinned"], default="default")
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--count", choices=["ops", "faults"], default="ops", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = measure(args.child, args.model, args.steps, args.batch_size, args.seq_len)
+        result = measure(args.child, args.model, args.steps, args.batch_size, args.seq_len, args.count)
         Path(args.output).write_text(json.dumps(result))
         return result
     from speed import PINNED_MALLOC

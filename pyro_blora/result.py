@@ -96,12 +96,9 @@ class TrainingState:
     interrupted: bool = False
     """Ctrl-C arrived during this step: checkpoint now and stop."""
 
-    sync_every: int = 1
-    """Steps whose statistics are kept on the device before the host reads them (``TrainConfig.host_sync_every``)."""
-    pending: list[tuple[int, Any, Any, float, float]] = field(default_factory=list, repr=False)
-    """Recorded steps not yet in ``history``: ``(step, loss, nll, beta, lr)``, loss and nll still tensors."""
-    deferred_checks: list[tuple[int, str, Tensor]] = field(default_factory=list, repr=False)
-    """``(step, what, failed)`` flags steps left on the device (a Cholesky's ``info``), read at :meth:`flush`."""
+    sync_every: int = 1  # steps kept on the device before the host reads them (TrainConfig.host_sync_every)
+    pending: list[tuple[int, Any, Any, float, float]] = field(default_factory=list, repr=False)  # (step, loss, ...)
+    deferred_checks: list[tuple[int, str, Tensor]] = field(default_factory=list, repr=False)  # (step, what, failed)
 
     def record(self, loss: Union[Tensor, float], nll: Union[Tensor, float], num_data: int, beta: float,
                lr: float) -> bool:
@@ -130,10 +127,8 @@ class TrainingState:
                       checks[0][2].device if checks else torch.device("cpu"))
         values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in raw]
                              + [flag.reshape(()).to(device, torch.float64) for _, _, flag in checks]).tolist()
-        failed = {}
-        for (step, what, _), value in zip(checks, values[len(raw):]):
-            if value and step not in failed:
-                failed[step] = what
+        flagged = [(step, what) for (step, what, _), value in zip(checks, values[len(raw):]) if value]
+        failed = dict(reversed(flagged))  # the first failing factor of each step
         for index, (step, _, _, beta, lr) in enumerate(pending):
             loss, nll = values[2 * index], values[2 * index + 1]
             if step in failed:
@@ -154,8 +149,7 @@ class TrainingState:
 
     def postfix(self) -> dict[str, str]:
         """The progress bar's numbers: the per-example NLL, and the KL per training example (none for MAP, which has no q)."""
-        h = self.history
-        out = {"nll": f"{h['nll'][-1]:.3f}"}
+        h, out = self.history, {"nll": f"{self.history['nll'][-1]:.3f}"}
         if not self.result.is_deterministic and self.num_data and math.isfinite(h["kl"][-1]):
             out["kl/N"] = f"{h['kl'][-1] / self.num_data:.4g}"
         return out
