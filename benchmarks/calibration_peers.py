@@ -66,7 +66,7 @@ PEERS: dict[str, Peer] = {
 }
 
 
-def peer_summary(name: str, result: Any) -> dict[str, Any]:
+def peer_summary(result: Any) -> dict[str, Any]:
     """What a peer chose (prior precision, sd, K-FAC memory), stored in its run record."""
     out: dict[str, Any] = {}
     for attribute in ("prior_precision", "kfac_bytes", "sigma", "map_nll", "tuning"):

@@ -100,11 +100,9 @@ class TrainingState:
     pending: list[tuple[int, Any, Any, float, float]] = field(default_factory=list, repr=False)  # (step, loss, ...)
     deferred_checks: list[tuple[int, str, Tensor]] = field(default_factory=list, repr=False)  # (step, what, failed)
 
-    def record(self, loss: Union[Tensor, float], nll: Union[Tensor, float], num_data: int, beta: float,
-               lr: float) -> bool:
+    def record(self, loss: Union[Tensor, float], nll: Union[Tensor, float], beta: float, lr: float) -> bool:
         """Count the step and keep its statistics; every ``sync_every`` steps :meth:`flush` them. True if flushed."""
         self.step += 1
-        self.num_data = num_data
         self.pending.append((self.step, loss, nll, float(beta), float(lr)))
         if len(self.pending) >= self.sync_every:
             self.flush()

@@ -285,7 +285,7 @@ class ScaleOut:
         Nothing to turn off without bf16 and outside a caller's autocast: then no context at all. Entering
         and leaving ``torch.autocast(enabled=False)`` every step made glibc's malloc hand the step's
         activation memory back to the kernel and fault it in again (12k-45k minor page faults per SmolLM2
-        step with the default allocator, none without it: ``benchmarks/profile_step.py --faults``).
+        step with the default allocator, none without it: ``benchmarks/step_counts.py``).
         """
         if self.mixed_precision != "bf16" and not torch.is_autocast_enabled(self.device.type):
             return contextlib.nullcontext()
@@ -327,7 +327,7 @@ class ScaleOut:
         return StepResult(loss, nll, error)
 
     def _average(
-        self, params: Sequence[nn.Parameter], loss: float, nll: float, error: Optional[FloatingPointError]
+        self, params: Sequence[nn.Parameter], loss: Any, nll: Any, error: Optional[FloatingPointError]
     ) -> StepResult:
         """All-reduce (mean) the gradients and the step's statistics in one flat tensor per dtype."""
         flags = torch.tensor([float(error is not None)] + [float(p.grad is not None) for p in params],

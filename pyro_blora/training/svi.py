@@ -195,7 +195,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return state.record(outcome.loss, outcome.nll, state.num_data, self.kl_scale.beta, self.scheduler.get_last_lr()[0])
+        return state.record(outcome.loss, outcome.nll, self.kl_scale.beta, self.scheduler.get_last_lr()[0])
 
 
 def _resume(path: Any, run: _Run, state: TrainingState, monitor: ValidationMonitor, scale: ScaleOut, meta: dict) -> tuple[int, int]:
