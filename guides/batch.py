@@ -26,6 +26,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence, register_kl
 
+from pyro_blora.models.packing import stack_parameters
 from pyro_blora.models.priors import IsotropicNormal
 
 __all__ = [
@@ -246,7 +247,7 @@ def conditional_scales(families: Sequence) -> tuple[list[Tensor | float], list[t
         else:
             out[index] = family.conditional_scale()
     for (cap, _, _), indices in groups.items():
-        lams = cap * torch.sigmoid(torch.stack([families[i].lambda_rho for i in indices]))
+        lams = cap * torch.sigmoid(stack_parameters([families[i].lambda_rho for i in indices]))
         for position, (index, lam) in enumerate(zip(indices, lams.unbind(0))):
             out[index] = lam
             refs[index] = (lams, position)
@@ -258,7 +259,7 @@ class DeltaBatch(SiteBatch):
 
     def __init__(self, families: Sequence):
         super().__init__(families)
-        self.values = torch.stack([f.loc for f in families])
+        self.values = stack_parameters([f.loc for f in families])
 
     def kl_isotropic(self, sd: float) -> Tensor:
         return -_isotropic_log_prob(self.values, sd)
@@ -276,8 +277,8 @@ class NormalBatch(SiteBatch):
     def __init__(self, families: Sequence):
         super().__init__(families)
         first = families[0]
-        self.loc = torch.stack([f.loc for f in families])
-        self.scale = first.scale_max * torch.sigmoid(torch.stack([f.scale_rho for f in families]))
+        self.loc = stack_parameters([f.loc for f in families])
+        self.scale = first.scale_max * torch.sigmoid(stack_parameters([f.scale_rho for f in families]))
         self.eps = torch.randn_like(self.loc)
         self.values = self.loc + self.eps * self.scale
 

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import ReshapeTransform
 
+from pyro_blora.models.packing import stack_parameters
+
 from .base import InducingGuide, InducingSite, bounded_param, bounded_value, init_scale_check, initial_loc
 from .batch import SiteBatch
 
@@ -194,8 +196,8 @@ class FlowBatch(SiteBatch):
         first = families[0]
         count = len(families)
         width = first.event_shape[-1]
-        loc = torch.stack([f.loc for f in families]).reshape(count, -1, width)
-        self.scale = first.scale_max * torch.sigmoid(torch.stack([f.scale_rho for f in families])).reshape(loc.shape)
+        loc = stack_parameters([f.loc for f in families]).reshape(count, -1, width)
+        self.scale = first.scale_max * torch.sigmoid(stack_parameters([f.scale_rho for f in families])).reshape(loc.shape)
         self.eps = torch.randn_like(loc)
         x = loc + self.eps * self.scale
         log_det = x.new_zeros(count)
@@ -220,8 +222,8 @@ def _masked_autoregressive(transforms: Sequence[T.AffineAutoregressive], x: Tens
     depth = len(arns[0].layers)
     for index in range(depth):
         layers = [arn.layers[index] for arn in arns]
-        weight = torch.stack([layer.weight for layer in layers]) * torch.stack([layer.mask for layer in layers])
-        bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+        weight = stack_parameters([layer.weight for layer in layers]) * torch.stack([layer.mask for layer in layers])
+        bias = stack_parameters([layer.bias for layer in layers]).unsqueeze(1)
         h = torch.baddbmm(bias, h, weight.transpose(1, 2))
         if index < depth - 1:
             h = torch.relu(h)

@@ -20,7 +20,6 @@ re-stacking them.
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from functools import cached_property
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .geometry import InducingGeometry, batched_cholesky
+from .packing import stack_parameters, take_rows
 
 __all__ = [
     "BatchedGeometry",
@@ -129,8 +129,8 @@ def batch_geometries(
     for key, indices in members.items():
         group: dict[str, Tensor] = {}
         for side, zs, log_ds in (("rows", z_rows, log_d_rows), ("cols", z_cols, log_d_cols)):
-            z = torch.stack([zs[i] for i in indices])
-            d = torch.stack([log_ds[i] for i in indices]).exp()
+            z = stack_parameters([zs[i] for i in indices])
+            d = stack_parameters([log_ds[i] for i in indices]).exp()
             z64 = z.double()
             gram = z64 @ z64.transpose(-1, -2)
             group.update({f"z_{side}": z, f"d_{side}": d, f"z64_{side}": z64, f"gram_{side}": gram,
@@ -158,20 +158,6 @@ def batch_geometries(
         for position, index in enumerate(indices):
             out[index] = BatchedGeometry(batch, key, position, z_rows[index], z_cols[index], jitters[index], names[index])
     return out
-
-
-def take_rows(tensor: Tensor, positions: Sequence[int]) -> Tensor:
-    """``tensor[positions]``: the tensor itself when that is all of it in order, else one ``index_select``."""
-    if len(positions) == tensor.shape[0] and all(i == p for i, p in enumerate(positions)):
-        return tensor
-    return tensor.index_select(0, _index(tuple(positions), tensor.device))
-
-
-@functools.lru_cache(maxsize=256)
-def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
-    # the same positions come back every step: copy them to the device once, not once per step
-    # (a host-to-device copy from a Python list waits for the device)
-    return torch.tensor(positions, dtype=torch.long, device=device)
 
 
 _PER_FACTOR: dict[str, Callable[[InducingGeometry], Tensor]] = {

@@ -103,7 +103,8 @@ def save(result: "FitResult", path: str | os.PathLike) -> Path:
         "base_fingerprint": fingerprint(result.net),
         "method": getattr(result, "method", None),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in result.trainable_state().items()}
+    # clone: during fit (a callback saving), parameters are views of packed rows (models/packing.py)
+    tensors = {k: v.detach().cpu().clone() for k, v in result.trainable_state().items()}
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(dump_json(meta)))
     return folder

@@ -162,7 +162,8 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor
 def _write(folder: Path, name: str, tensors: Optional[dict[str, Tensor]] = None, meta: Any = None) -> None:
     target = folder / name
     if tensors is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
+        # clone: during fit, parameters are views of packed rows (models/packing.py), which safetensors refuses
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
     else:
         target.write_text(json.dumps(meta, indent=1, sort_keys=True))
     with_user_mode(target)  # safetensors writes 0600

@@ -26,7 +26,11 @@ from tqdm.auto import tqdm
 from pyro_blora.guides import BayesianLoRAGuide
 from pyro_blora.guides.options import DeltaOptions, FlowOptions, MultivariateNormalOptions, NormalOptions, changed_options
 from pyro_blora.guides.network import GuideSpec
+from pyro_blora.guides.base import InducingGuide
 from pyro_blora.models.geometry import deferred_checks
+from pyro_blora.models.layer import BayesianLoRALinear
+from pyro_blora.models.packing import pack_parameters
+from pyro_blora.models.priors import InducingPrior
 from pyro_blora.models.priors import shared_geometry
 
 from pyro_blora.training.callbacks import Callback, CheckpointWriter, ValidationMonitor, run_callbacks
@@ -83,6 +87,10 @@ def kl_beta(train: TrainConfig, step: int, total: int) -> float:
         return 0.0
     warmup = max(1, round(train.kl_warmup * total))
     return train.kl_weight * min(1.0, (step + 1 - start) / warmup)
+
+
+PACKED_MODULES = (InducingGuide, InducingPrior, BayesianLoRALinear)
+"""Modules whose same-role parameters are packed while training (:mod:`pyro_blora.models.packing`)."""
 
 
 def _param_groups(modules: Iterable[nn.Module], train: TrainConfig) -> list[dict[str, Any]]:
@@ -156,6 +164,11 @@ class _Run:
     def __init__(self, result: FitResult, train: TrainConfig, total: int, start_step: int):
         self.result, self.train, self.total, self.start_step = result, train, total, start_step
         groups = _param_groups([result.net, result.guide], train)
+        # the factors' small tensors as a few stacked ones while training (models/packing.py): one
+        # accumulation, clip and AdamW update per role instead of per tensor; unpacked by close()
+        self.packing = pack_parameters([result.net, result.guide], PACKED_MODULES, [g["params"] for g in groups])
+        for group in groups:
+            group["params"] = self.packing.replace(group["params"])
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, **_fused(self.params))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -164,6 +177,10 @@ class _Run:
         self.elbo = MeanFieldELBO(num_particles=train.num_particles)  # TraceMeanField_ELBO without unused log_probs
         self.kl_scale = KLScale()
         self.scaled_model, self.scaled_guide = self.kl_scale(result.model), self.kl_scale(result.guide)
+
+    def close(self) -> None:
+        """Give the packed parameters their own storage again (the result outlives the run)."""
+        self.packing.unpack()
 
     def loss(self, batch: Any, state: TrainingState) -> tuple[torch.Tensor, Any]:
         bayes_model = self.result.model
@@ -186,6 +203,7 @@ class _Run:
         """
         self.kl_scale.beta = kl_beta(self.train, state.step, self.total)
         self.optimizer.zero_grad(set_to_none=True)
+        self.packing.zero_grad()  # packed roles: zeroed in place, their members' .grad are views
         # gradients of the global batch (micro-batches, processes) averaged into params' .grad
         outcome = scale.step(lambda batch: self.loss(batch, state), batches, self.params)
         if outcome.error is not None:
@@ -331,16 +349,19 @@ def _run_loop(result: FitResult, scale: ScaleOut, loader: DataLoader, meta: dict
                           sync_every=train.host_sync_every)
     result.history = state.history  # filled in place as the host reads the steps (TrainingState.flush)
     run = _Run(result, train, meta["total_steps"], start_step=0)
-    monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
-    position = (0, 0) if resume_from is None else _resume(resume_from, run, state, monitor, scale, meta)
-    checkpoints = None
-    if train.checkpoint_dir is not None:
-        checkpoints = CheckpointWriter(train.checkpoint_dir, train.checkpoint_every, run.optimizer, run.scheduler,
-                                       meta, monitor, enabled=scale.is_main_process)
-    result.net.train()
-    _train(run, scale, loader, state, position, [monitor, *callbacks], checkpoints)
-    state.flush()
-    monitor.finish(state)
+    try:
+        monitor = ValidationMonitor(val_data, train.eval_every, train.early_stopping_patience)
+        position = (0, 0) if resume_from is None else _resume(resume_from, run, state, monitor, scale, meta)
+        checkpoints = None
+        if train.checkpoint_dir is not None:
+            checkpoints = CheckpointWriter(train.checkpoint_dir, train.checkpoint_every, run.optimizer,
+                                           run.scheduler, meta, monitor, enabled=scale.is_main_process)
+        result.net.train()
+        _train(run, scale, loader, state, position, [monitor, *callbacks], checkpoints)
+        state.flush()
+        monitor.finish(state)
+    finally:
+        run.close()
     result.net.eval()
 
 
