@@ -75,12 +75,12 @@ class TaskSetting:
 SETTINGS: dict[str, TaskSetting] = {
     "drug_reviews_binary": TaskSetting(max_length=64, train_size=None, validation_size=None, test_size=None, epochs=5,
                                        num_steps=620),
-    "arc_easy": TaskSetting(max_length=128, train_size=1000, validation_size=200, test_size=500, epochs=3,
-                            scoring="choice_likelihood"),
+    "arc_easy": TaskSetting(max_length=128, train_size=1000, validation_size=200, test_size=500, epochs=5,
+                            scoring="choice_likelihood", normalize="chars", num_steps=625),
     "arc_challenge": TaskSetting(max_length=128, train_size=1000, validation_size=200, test_size=500, epochs=3,
                                  scoring="choice_likelihood", normalize="chars"),
-    "openbookqa": TaskSetting(max_length=96, train_size=1000, validation_size=200, test_size=500, epochs=3,
-                              scoring="choice_likelihood", normalize="chars"),
+    "openbookqa": TaskSetting(max_length=96, train_size=1000, validation_size=200, test_size=500, epochs=5,
+                              scoring="choice_likelihood", normalize="chars", num_steps=625),
     "boolq": TaskSetting(max_length=192, train_size=1000, validation_size=200, test_size=500, epochs=3,
                          scoring="choice_likelihood"),
     "winogrande_s": TaskSetting(max_length=64, train_size=None, validation_size=None, test_size=500, epochs=5,
@@ -159,13 +159,13 @@ def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int,
     return fit_method(cfg, prepared, method, seed=seed, progress=False, **options)
 
 
-def _schedule(cfg: ExperimentConfig, prepared: Prepared, shifted: dict[str, list], method: str,
-              seed: int) -> Optional[EvaluationSchedule]:
-    """Validation, test and shift sets scored every 10 % of the step budget (trained methods whose fit
-    result predicts as the method does; MC dropout's and the ensemble's wrappers are scored at the end only)."""
+def _schedule(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> Optional[EvaluationSchedule]:
+    """Validation and test scored every 10 % of the step budget (trained methods whose fit result predicts
+    as the method does; MC dropout's and the ensemble's wrappers are scored at the end only). The shift sets
+    are scored on the finished fit only: along training they would double a QA run's prediction cost."""
     if method not in TRAJECTORY_METHODS or cfg.num_steps is None:
         return None
-    sets = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
+    sets = {"validation": prepared.validation, "test": prepared.test}
     return EvaluationSchedule(sets, fraction_steps(cfg.num_steps), select_on="validation", num_samples=cfg.num_samples,
                               seed=seed)
 
@@ -198,14 +198,18 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods")}
     for method, seed in todo:
         started = time.perf_counter()
-        schedule = _schedule(cfg, prepared, shifted, method, seed)
+        schedule = _schedule(cfg, prepared, method, seed)
         memory = PeakMemory(device)
         memory.start()
         result = _fit(cfg, prepared, method, seed, schedule)
         seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
         finished = schedule is not None and schedule.records and schedule.records[-1]["step"] == cfg.num_steps
         # the last checkpoint is the finished fit, predicted with the same seed: not predicted twice
-        predictions = schedule.last if finished else _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        if finished:
+            predictions = {**schedule.last, **{f"shift.{k}": result.predict(v, num_samples=cfg.num_samples, seed=seed)
+                                               for k, v in shifted.items()}}
+        else:
+            predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
                   "peak_memory_mb": peak_mb, "memory_method": memory.method, "num_train": len(prepared.train),
                   "settings": settings, "overrides": overrides,
@@ -241,7 +245,7 @@ def _peer_runs(map_result: Any, map_record: dict[str, Any], cfg: ExperimentConfi
         memory.start()
         started = time.perf_counter()
         try:
-            result = peer.build(map_result, prepared)
+            result = peer.build(map_result, prepared, cfg.scoring)
         except ImportError as err:
             _log(f"{name} skipped: {err}")
             continue

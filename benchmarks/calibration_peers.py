@@ -6,9 +6,11 @@ memory of the post-hoc step) next to the MAP run's, so the report can state the
 overhead. Selection inside a peer (a prior precision, TFB's sd) reads the
 validation split only.
 
-* ``laplace_last_layer``: last-layer Laplace on the answer head (K-FAC GGN of the
-  answer rows, GLM predictive), answer-token tasks only: with choice likelihood the
-  class logits are sums of token log-probabilities, not linear in one head;
+* ``laplace_last_layer``: last-layer Laplace. On answer-token tasks, on the answer head
+  (K-FAC GGN of the answer rows, GLM predictive, our own code); with choice likelihood the
+  class logits are sums of token log-probabilities, not linear in one head, so there it is
+  Laplace-LoRA's own last-layer variant (Yang et al.'s LLLA): laplace-torch's K-FAC over the
+  LoRA weights of the last adapted block only, prior precision by marginal likelihood;
 * ``laplace_lora``: laplace-torch's K-FAC Laplace over the LoRA weights of
   ``LAPLACE_LORA_MODULES`` (Yang et al., ICLR 2024), prior precision by the Laplace
   marginal likelihood, probit GLM predictive; ``laplace_lora_val``: the same, prior
@@ -20,6 +22,7 @@ validation split only.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 LAPLACE_LORA_MODULES = ["q_proj", "v_proj"]
@@ -32,18 +35,36 @@ TFB_TOLERANCE = 0.01
 class Peer:
     """How one post-hoc method is built from a MAP fit and the prepared splits, and where it applies."""
 
-    build: Callable[[Any, Any], Any]
+    build: Callable[[Any, Any, str], Any]
+    """``build(map_result, prepared, scoring)``: the fitted peer."""
     scorings: tuple[str, ...] = ("answer_token", "choice_likelihood")
 
 
-def _laplace_last_layer(map_result: Any, prepared: Any) -> Any:
-    from pyro_blora.baselines.laplace.posterior import laplace_from_map
+def last_block_modules(map_result: Any) -> list[str]:
+    """Names of the adapted layers of the last adapted transformer block (``...layers.<i>.``, largest ``i``)."""
+    blocks: dict[int, list[str]] = {}
+    for layer in map_result.model.layers:
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", layer.layer_name)
+        if found:
+            blocks.setdefault(int(found.group(1)), []).append(layer.layer_name)
+    if not blocks:
+        raise ValueError("no adapted layer sits in a numbered block (layers.<i>.): no last block to take")
+    return blocks[max(blocks)]
 
-    return laplace_from_map(map_result, prepared.train, prepared.validation)
+
+def _laplace_last_layer(map_result: Any, prepared: Any, scoring: str) -> Any:
+    if scoring == "answer_token":
+        from pyro_blora.baselines.laplace.posterior import laplace_from_map
+
+        return laplace_from_map(map_result, prepared.train, prepared.validation)
+    from pyro_blora.baselines.laplace.lora_posterior import laplace_lora_from_map
+
+    return laplace_lora_from_map(map_result, prepared.train, prepared.validation, prior_method="marglik",
+                                 modules=last_block_modules(map_result))
 
 
-def _laplace_lora(prior_method: str) -> Callable[[Any, Any], Any]:
-    def build(map_result: Any, prepared: Any) -> Any:
+def _laplace_lora(prior_method: str) -> Callable[[Any, Any, str], Any]:
+    def build(map_result: Any, prepared: Any, scoring: str) -> Any:
         from pyro_blora.baselines.laplace.lora_posterior import laplace_lora_from_map
 
         return laplace_lora_from_map(map_result, prepared.train, prepared.validation, prior_method=prior_method,
@@ -52,14 +73,14 @@ def _laplace_lora(prior_method: str) -> Callable[[Any, Any], Any]:
     return build
 
 
-def _tfb(map_result: Any, prepared: Any) -> Any:
+def _tfb(map_result: Any, prepared: Any, scoring: str) -> Any:
     from pyro_blora.baselines.tfb import tfb_from_map
 
     return tfb_from_map(map_result, prepared.validation, tolerance=TFB_TOLERANCE)
 
 
 PEERS: dict[str, Peer] = {
-    "laplace_last_layer": Peer(_laplace_last_layer, scorings=("answer_token",)),
+    "laplace_last_layer": Peer(_laplace_last_layer),
     "laplace_lora": Peer(_laplace_lora("marglik")),
     "laplace_lora_val": Peer(_laplace_lora("val_nll")),
     "tfb": Peer(_tfb),

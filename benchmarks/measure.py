@@ -98,7 +98,7 @@ def run_timing(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples: list, samples: list[int],
                      repeats: int, device: str) -> dict[str, Any]:
-    """One no-grad forward of the peft model vs ``predict(num_samples=N, stack_samples=True)``, in turn."""
+    """One no-grad forward of the peft model vs ``predict(num_samples=N)`` (default, stacked, one forward per draw), in turn."""
     import torch
 
     import common
@@ -113,8 +113,10 @@ def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples
     jobs: dict[str, Callable[[], Any]] = {"forward": forward}
     for method, result in results.items():
         for n in samples:
-            jobs[f"{method}/{n}"] = (lambda r=result, n=n: r.predict(examples, num_samples=n, batch_size=len(examples),
-                                                                    stack_samples=True))
+            # the library's default (stacked on accelerators, one forward per draw on a CPU), then both ways
+            for mode, stack in (("default", None), ("stacked", True), ("loop", False)):
+                jobs[f"{method}/{n}/{mode}"] = (lambda r=result, n=n, stack=stack: r.predict(
+                    examples, num_samples=n, batch_size=len(examples), stack_samples=stack))
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in jobs}
     for job in jobs.values():
         job()  # warm-up

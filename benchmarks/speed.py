@@ -19,8 +19,9 @@ its width, i.e. 4x the parameters per matrix):
 * **peak memory**: each method alone in a fresh process, peak resident set above
   the resident set after loading the model (``VmHWM`` reset by
   ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``);
-* **prediction**: ``result.predict(batch, num_samples=N, stack_samples=True)`` of
-  the flow posterior for N = 1, 4, 10 against one no-grad forward of the peft
+* **prediction**: ``result.predict(batch, num_samples=N)`` of the flow posterior
+  for N = 1, 4, 10 (the library's default, and with the samples stacked into one
+  forward or one forward per sample) against one no-grad forward of the peft
   model on the same batch, in turn, median of paired ratios;
 * **per-layer overhead**: a stack of L ``nn.Linear(64, 64)`` (L = 8, 32, 128),
   every layer adapted, delta and flow through ``fit`` against a hand-written
@@ -57,7 +58,7 @@ TARGETS = {
     "train_step_ratio_max": 1.05,
     "train_step_ratio_stretch": 1.02,
     "peak_memory_ratio_max": 1.05,
-    "predict_4_samples_ratio_max": 4.2,
+    "predict_4_samples_ratio_max": 4.0,
     "per_layer_growth_max": 1.25,  # extra time per layer at the most layers / at the fewest ("flat")
 }
 HERE = Path(__file__).resolve().parent
@@ -156,9 +157,11 @@ def summarise_model(timing: dict[str, Any], memory: dict[str, dict], overhead: d
         forward = prediction.pop("forward")
         pred: dict[str, Any] = {"lora_forward_s": median(forward[clock]), "guides": {}}
         for name, times in prediction.items():
-            method, n = name.split("/")
-            pred["guides"].setdefault(method, {})[n] = {"seconds": median(times[clock]),
-                                                        "ratio": paired_ratio(times[clock], forward[clock])}
+            method, n, mode = name.split("/")
+            entry = {"seconds": median(times[clock]), "ratio": paired_ratio(times[clock], forward[clock])}
+            if mode == "default":
+                pred["guides"].setdefault(method, {})[n] = entry
+            pred.setdefault("modes", {}).setdefault(method, {}).setdefault(n, {})[mode] = entry
         out["prediction"] = pred
     return out
 
@@ -235,14 +238,16 @@ def format_tables(summary: dict[str, Any]) -> str:
         lines.append(f"{'':<9} load average before / after: {res['loadavg_before'][0]:.2f} / {res['loadavg_after'][0]:.2f}")
     predictions = {m: r["prediction"] for m, r in summary["models"].items() if "prediction" in r}
     if predictions:
-        lines += ["", "prediction (one batch, posterior samples stacked) vs one no-grad forward of the peft model"]
+        lines += ["", "prediction (one batch; the default, samples stacked, one forward per sample) vs one no-grad "
+                      "forward of the peft model"]
         header = f"{'model':<9} {'guide':<7} {'N':>3} {'ms':>9} {'x LoRA fwd':>11}"
         lines += [header, "-" * len(header)]
         for model, pred in predictions.items():
             lines.append(f"{model:<9} {'peft':<7} {'-':>3} {1e3 * pred['lora_forward_s']:>9.1f} {1.0:>11.3f}")
-            for guide, per_n in pred["guides"].items():
-                for n, v in per_n.items():
-                    lines.append(f"{model:<9} {guide:<7} {n:>3} {1e3 * v['seconds']:>9.1f} {v['ratio']:>11.3f}")
+            for guide, per_n in pred.get("modes", {}).items():
+                for n, modes in per_n.items():
+                    for mode, v in modes.items():
+                        lines.append(f"{model:<9} {guide:<7} {n:>3} {1e3 * v['seconds']:>9.1f} {v['ratio']:>11.3f}  {mode}")
     layers = summary.get("layers")
     if layers:
         lines += ["", f"per-layer overhead: stack of nn.Linear({layers['width']}, {layers['width']}), batch "

@@ -267,14 +267,15 @@ class FitResult:
         data: Union[Dataset, DataLoader, Sequence[Any]],
         num_samples: int = 4,
         batch_size: int = 8,
-        stack_samples: bool = True,
+        stack_samples: Optional[bool] = None,
         seed: Optional[int] = DEFAULT_PREDICT_SEED,
     ) -> Prediction:
         """Posterior predictive: average the class probabilities of ``num_samples`` posterior draws.
 
         The same ``num_samples`` joint weight draws are used for every example.
         With ``stack_samples`` the draws share one forward per batch (the batch is
-        repeated ``S`` times); otherwise one forward per draw, for less memory.
+        repeated ``S`` times); otherwise one forward per draw, for less memory. None (default): stacked on
+        an accelerator (fewer kernel launches), one forward per draw on a CPU (``docs/performance.md``).
         A MAP guide has one draw whatever ``num_samples`` says. ``seed`` (default
         :data:`DEFAULT_PREDICT_SEED`) seeds a private stream for everything random
         in the prediction, so it is reproducible and leaves the caller's RNG alone;
@@ -290,6 +291,8 @@ class FitResult:
                 torch.manual_seed(seed)
                 return self.predict(data, num_samples, batch_size, stack_samples, seed=None)
         samples = 1 if self.is_deterministic else num_samples
+        if stack_samples is None:
+            stack_samples = any(p.device.type != "cpu" for p in self.net.parameters())
         weights = self.sample_weights(samples)
         loader = make_loader(data, self.task, batch_size, shuffle=False)
         all_probs, all_labels = [], []

@@ -186,10 +186,12 @@ class EnsembleResult(WrappedPosterior):
         data: Data,
         num_samples: int = 4,
         batch_size: int = 8,
-        stack_samples: bool = True,
+        stack_samples: Optional[bool] = None,
         seed: Optional[int] = DEFAULT_PREDICT_SEED,
     ) -> Prediction:
         """The mixture predictive; ``sample_probs`` has one slice per member (times its own samples).
+
+        ``stack_samples`` None: stacked on an accelerator, member by member on a CPU (as :meth:`FitResult.predict`).
 
         Member ``m`` draws its samples with ``seed + m`` when ``seed`` is given.
         With ``stack_samples`` and :meth:`can_stack` all members run in one
@@ -198,6 +200,8 @@ class EnsembleResult(WrappedPosterior):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if stack_samples is None:
+            stack_samples = any(p.device.type != "cpu" for p in self.template.net.parameters())
         try:
             if stack_samples and self.can_stack():
                 return self._predict_stacked(data, num_samples, batch_size, seed)

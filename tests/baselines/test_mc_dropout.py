@@ -106,7 +106,7 @@ def test_only_the_lora_dropout_is_on_at_prediction(fitted: MCDropoutResult) -> N
     finally:
         for hook in hooks:
             hook.remove()
-    assert seen["base"] == [False] and seen["lora"] == [True, True]
+    assert seen["base"] and not any(seen["base"]) and len(seen["lora"]) >= 2 and all(seen["lora"])
     # the flags are put back afterwards
     assert not fitted.net.training and not any(layer.dropout.training for layer in fitted.model.layers)
 

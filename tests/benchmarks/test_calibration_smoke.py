@@ -75,8 +75,30 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
         shifted = json.loads((tmp_path / "openbookqa" / "delta" / "seed0.json").read_text())["metrics"]
         assert {"shift.arc_easy", "shift.arc_challenge"} <= set(shifted)
         assert "trained on openbookqa" in summary
+        # choice likelihood: last-layer Laplace is laplace-torch over the last adapted block's LoRA weights
+        last = json.loads((tmp_path / "openbookqa" / "laplace_last_layer" / "seed0.json").read_text())
+        assert 0.0 <= last["metrics"]["test"]["ece"] <= 1.0 and last["chosen"]["prior_precision"] > 0
+        assert {"laplace_last_layer", "laplace_lora", "tfb"} <= set(results["tasks"]["openbookqa"])
 
     again = _run(common)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "all runs finished" in again.stderr
     assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
+
+
+def test_last_block_modules_takes_the_highest_numbered_block():
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("calibration_peers", ROOT / "benchmarks" / "calibration_peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    names = ["layers.1.self_attn.q_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj",
+             "layers.9.self_attn.v_proj", "lm_head"]
+    fit = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name=n) for n in names]))
+    assert peers.last_block_modules(fit) == ["layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj"]
+    only_head = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name="lm_head")]))
+    import pytest
+
+    with pytest.raises(ValueError, match="no adapted layer sits in a numbered block"):
+        peers.last_block_modules(only_head)

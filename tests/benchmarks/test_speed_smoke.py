@@ -38,6 +38,8 @@ def runs(tmp_path_factory):
         "scale": [sys.executable, str(BENCH / "scale.py"), "--models", "tiny", "Llama-2-7B",
                   "--output", str(out / "scale")],
         "gpu": ["bash", str(BENCH / "gpu.sh"), "--tiny", "--device", "cpu", "--output", str(out / "gpu.json")],
+        "counts": [sys.executable, str(BENCH / "step_counts.py"), "--model", "tiny", "--steps", "2",
+                   "--batch-size", "2", "--seq-len", "16", "--output", str(out / "counts.json")],
     }
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,3 +173,39 @@ def test_gpu_check_json(runs):
         assert run["ratios"]["peft"]["step"] == 1.0
     table = (out / "gpu.md").read_text()
     assert "| tiny | 4 x 16 | bf16 | flow |" in table and "predict4 x peft forward" in table
+
+
+def test_step_counts_json(runs):
+    out, logs = runs
+    data = json.loads((out / "counts.json").read_text())
+    assert data["model"] == "tiny" and data["malloc"] == "default"
+    assert set(data["variants"]) == {"peft", "delta", "normal", "flow"}
+    for variant, row in data["variants"].items():
+        _positive(row["aten_ops_per_step"], f"{variant} aten ops")
+        assert len(row["minor_faults_per_step"]) == 2 and all(f >= 0 for f in row["minor_faults_per_step"])
+    assert data["variants"]["peft"]["aten_ops_ratio"] == 1.0
+    assert "aten ops/step" in logs["counts"]
+
+
+def test_speed_results_collects_the_runs_into_the_documented_shape(runs, tmp_path):
+    out, _ = runs
+    spec = importlib.util.spec_from_file_location("speed_results", BENCH / "speed_results.py")
+    speed_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed_results)
+    target = tmp_path / "speed.json"
+    doc = speed_results.main(["--default", str(out / "speed.json"), "--counts", str(out / "counts.json"),
+                              "--model", "tiny", "--output", str(target)])
+    assert json.loads(target.read_text()) == doc
+    assert {"commit", "load_average", "cpu", "aten_ops_ratio", "gpu"} <= set(doc)
+    speed = json.loads((out / "speed.json").read_text())["models"]["tiny"]
+    for variant in ("delta", "normal", "flow"):
+        row = doc["cpu"]["default"][variant]
+        assert row["step_ratio"] == speed["methods"][variant]["step_ratio"]
+        assert row["memory_ratio"] == speed["methods"][variant]["memory_ratio"]
+        _positive(doc["aten_ops_ratio"][variant], f"{variant} aten ratio")
+    assert doc["cpu"]["default"]["flow"]["predict4_ratio"] == speed["prediction"]["guides"]["flow"]["4"]["ratio"]
+    assert doc["cpu"]["pinned"] is None and doc["gpu"] is None
+    with pytest.raises(ValueError, match="--pinned must be a speed.py run with --malloc pinned"):
+        speed_results.collect(json.loads((out / "speed.json").read_text()),
+                              json.loads((out / "speed.json").read_text()), json.loads((out / "counts.json").read_text()),
+                              model="tiny")

@@ -69,7 +69,7 @@ def test_use_posterior_mean_runs_the_net_without_pyro() -> None:
     data = make_data()
     result = quick_fit("normal", data=data)
     net = result.net
-    result.predict(data, num_samples=3)  # leaves 3 stacked draws in the layers
+    result.predict(data, num_samples=3, stack_samples=True)  # leaves 3 stacked draws in the layers
     x = stacked_inputs(data)[:5]  # 5 rows cannot hold 3 stacked draws
     with pytest.raises(ValueError, match="cannot hold 3 stacked posterior samples"):
         net(x)
