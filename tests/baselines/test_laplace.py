@@ -1,4 +1,4 @@
-"""Last-layer Laplace: the GGN against autograd, the closed-form predictive against dense algebra,
+"""Last-layer Laplace (laplace-torch on the answer head): the GGN against autograd, the predictive against dense algebra,
 tau tuning and its limits, the effective head weights, save/load and the errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 import pyro_blora
 from pyro_blora import BLoRAConfig
 from pyro_blora.baselines.laplace.posterior import LaplaceResult, laplace_from_map
-from pyro_blora.baselines.laplace.curvature import HeadCurvature
+from pyro_blora.baselines.laplace.curvature import HeadLaplace
 from pyro_blora.baselines.laplace.head import collect_features, find_head, head_weight
 from pyro_blora.tasks import AnswerTokenTask, ChoiceLikelihoodTask
 from pyro_blora.tasks.cached import CachedPrefixTask, split_decoder
@@ -60,61 +60,76 @@ def random_problem(n: int, c: int = 3, h: int = 4, seed: int = 0):
     return weight, phi, bias
 
 
-# ---------------------------------------------------------------- curvature = autograd GGN
+# ---------------------------------------------------------------- laplace-torch's curvature = autograd GGN
 
 
 def test_diag_is_the_exact_ggn_diagonal_and_kron_is_exact_for_one_example() -> None:
-    weight, phi, bias = random_problem(n=6)
-    exact = brute_force_hessian(phi, bias, weight)  # f is linear in W, so the Hessian is the GGN
-    diag = HeadCurvature("diag", 3, 4)
-    diag.update(phi[:2], phi[:2] @ weight.T + bias[:2])  # two updates sum like one
-    diag.update(phi[2:], phi[2:] @ weight.T + bias[2:])
+    weight, phi, _ = random_problem(n=6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    exact = brute_force_hessian(phi, torch.zeros(6, 3, dtype=torch.float64), weight)  # linear in W: Hessian = GGN
+    diag = HeadLaplace(weight, "diag")
+    diag.fit(phi, None, labels, batch_size=2)  # batches sum like one
     torch.testing.assert_close(diag.ggn(), torch.diag(torch.diagonal(exact)), atol=1e-10, rtol=1e-10)
-    assert diag.num_data == 6
+    assert diag.la.n_data == 6
 
-    one = HeadCurvature("kron", 3, 4)
-    one.update(phi[:1], phi[:1] @ weight.T + bias[:1])
-    torch.testing.assert_close(one.ggn(), brute_force_hessian(phi[:1], bias[:1], weight), atol=1e-10, rtol=1e-10)
+    one = HeadLaplace(weight, "kron")
+    one.fit(phi[:1], None, labels[:1])
+    torch.testing.assert_close(one.ggn(), brute_force_hessian(phi[:1], torch.zeros(1, 3, dtype=torch.float64), weight),
+                               atol=1e-10, rtol=1e-10)
 
-    kron = HeadCurvature("kron", 3, 4)
-    kron.update(phi, phi @ weight.T + bias)
-    torch.testing.assert_close(kron.factors["A"], phi.T @ phi)
+    kron = HeadLaplace(weight, "kron")
+    kron.fit(phi, None, labels, batch_size=4)
     # KFAC: (sum_n Lambda_n) (x) (sum_n phi phi^T) / N, an approximation of the exact GGN for N > 1
-    p = torch.softmax(phi @ weight.T + bias, dim=-1)
-    torch.testing.assert_close(kron.factors["G"], torch.diag(p.sum(0)) - p.T @ p)
+    p = torch.softmax(phi @ weight.T, dim=-1)
+    factors = torch.kron(torch.diag(p.sum(0)) - p.T @ p, phi.T @ phi) / 6
+    torch.testing.assert_close(kron.ggn(), factors, atol=1e-10, rtol=1e-10)
     assert (kron.ggn() - exact).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_functional_covariance_equals_the_dense_computation(structure: str) -> None:
-    weight, phi, bias = random_problem(n=7, c=3, h=5, seed=1)
-    curvature = HeadCurvature(structure, 3, 5)
-    curvature.update(phi, phi @ weight.T + bias)
+    weight, phi, _ = random_problem(n=7, c=3, h=5, seed=1)
+    curvature = HeadLaplace(weight, structure)
+    curvature.fit(phi, None, torch.arange(7) % 3)
     tau = 0.7
-    covariance = torch.linalg.inv(curvature.precision(tau))  # (15, 15)
+    covariance = torch.linalg.inv(curvature.ggn() + tau * torch.eye(15, dtype=torch.float64))
     test_phi = torch.randn(4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     jac = torch.stack([torch.kron(torch.eye(3, dtype=torch.float64), x.unsqueeze(0)) for x in test_phi])  # (4, 3, 15)
     dense = jac @ covariance @ jac.transpose(1, 2)
-    torch.testing.assert_close(curvature.functional_covariance(test_phi, tau), dense, atol=1e-10, rtol=1e-8)
-    root = curvature.functional_root(test_phi, tau)
-    torch.testing.assert_close(root @ root.transpose(1, 2), dense, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(curvature.functional_variance(test_phi, tau), torch.diagonal(dense, dim1=1, dim2=2))
+    jacobians = curvature.jacobians(test_phi, None)
+    torch.testing.assert_close(jacobians.double(), jac)
+    torch.testing.assert_close(curvature.functional_covariance(jacobians, tau), dense, atol=1e-10, rtol=1e-8)
+    # saved and rebuilt: the same predictive
+    rebuilt = HeadLaplace.from_state(weight, structure, curvature.state())
+    torch.testing.assert_close(rebuilt.functional_covariance(jacobians, tau), dense, atol=1e-10, rtol=1e-8)
+
+
+def test_masked_classes_have_no_variance_and_stay_at_zero_probability() -> None:
+    weight, phi, _ = random_problem(n=5, c=3, h=4, seed=3)
+    keep = torch.tensor([[True, True, False]] * 5)
+    curvature = HeadLaplace(weight, "kron")
+    curvature.fit(phi, keep, torch.arange(5) % 2)
+    jacobians = curvature.jacobians(phi, keep)
+    assert float(jacobians[:, 2].abs().max()) == 0.0
+    mean = (phi @ weight.T).masked_fill(~keep, -1e4)
+    probs = curvature.sample_probs(mean, jacobians, 1.0, "mc", 8, torch.Generator().manual_seed(0))
+    assert probs.shape == (8, 5, 3) and float(probs[..., 2].max()) < 1e-30
 
 
 def test_curvature_rejects_bad_input() -> None:
+    weight = torch.ones(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown Laplace structure 'full'"):
-        HeadCurvature("full", 2, 3)
-    curvature = HeadCurvature("kron", 2, 3)
-    with pytest.raises(RuntimeError, match="holds no data"):
-        curvature.functional_covariance(torch.zeros(1, 3), 1.0)
+        HeadLaplace(weight, "full")
+    curvature = HeadLaplace(weight, "kron")
     with pytest.raises(ValueError, match=r"phi must have shape \(N, 3\)"):
-        curvature.update(torch.zeros(2, 4), torch.zeros(2, 2))
-    curvature.update(torch.ones(1, 3), torch.zeros(1, 2))
+        curvature.fit(torch.zeros(2, 4), None, torch.zeros(2))
+    curvature.fit(torch.ones(1, 3), None, torch.zeros(1))
+    jacobians = curvature.jacobians(torch.ones(1, 3), None)
     for tau in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="prior precision tau must be a finite number > 0"):
-            curvature.functional_variance(torch.ones(1, 3), tau)
-    with pytest.raises(ValueError, match=r"needs tensors \['diag', 'num_data'\]"):
-        HeadCurvature.from_state("diag", curvature.state())
+            curvature.functional_covariance(jacobians, tau)
+    with pytest.raises(ValueError, match=r"needs tensors \['diag', 'loss', 'n_data'\]"):
+        HeadLaplace.from_state(weight, "diag", curvature.state())
 
 
 # ---------------------------------------------------------------- the head of a real (tiny) LM
@@ -152,7 +167,7 @@ def test_fit_predict_tune_save_load(tiny_llama, smollm2_tokenizer, tmp_path) -> 
         num_steps=6, batch_size=4, lr=1e-2, seed=0, progress=False,
     )
     assert isinstance(result, LaplaceResult) and result.method == "laplace" and result.structure == "kron"
-    assert result.curvature.num_data == len(train)
+    assert result.curvature.la.n_data == len(train)
     assert result.history is result.map_result.history and len(result.history["loss"]) == 6
 
     # tuning picked the grid value whose validation NLL (the same predictive, same draws) is lowest
@@ -194,7 +209,7 @@ def test_laplace_from_map_on_a_cached_top_with_diag_structure(tiny_llama, smollm
     data = task.cache(mc_data(8))
     map_result = pyro_blora.fit(top, data, guide="delta", task=task, config=llama_config(), num_steps=2, batch_size=4, progress=False)
     result = laplace_from_map(map_result, data, structure="diag", prior_precision=2.0)
-    assert result.head.ids == task.inner.answer_ids and result.curvature.factors["diag"].shape == (3, 32)
+    assert result.head.ids == task.inner.answer_ids and result.curvature.la.H.shape == (3 * 32,)
     torch.testing.assert_close(result.with_prior_precision(1e12).predict(data[:4]).probs, map_result.predict(data[:4]).probs,
                                atol=1e-5, rtol=0)
 
@@ -262,5 +277,8 @@ def test_a_laplace_folder_of_another_format_is_named(tmp_path) -> None:
     from pyro_blora.baselines.laplace.posterior import load_laplace
 
     (tmp_path / "method.json").write_text(json.dumps({"method": "laplace", "format_version": 99}))
-    with pytest.raises(ValueError, match=r"method.json is not a last-layer Laplace result of format 1"):
+    with pytest.raises(ValueError, match=r"method.json is not a last-layer Laplace result of format 2$"):
+        load_laplace(tmp_path, None)
+    (tmp_path / "method.json").write_text(json.dumps({"method": "laplace", "format_version": 1}))
+    with pytest.raises(ValueError, match=r"format 1 held our own K-FAC factors: refit it with laplace_from_map"):
         load_laplace(tmp_path, None)

@@ -1,5 +1,6 @@
-"""Laplace baselines. Last-layer Laplace on the answer head: the head and its features (:mod:`.head`), the GGN
-curvature (:mod:`.curvature`) and the method with its GLM predictive (:mod:`.posterior`). Laplace-LoRA over all
+"""Laplace baselines. Last-layer Laplace on the answer head: the head and its features (:mod:`.head`), laplace-torch's
+posterior over that head (:mod:`.curvature`), the GLM predictive's probabilities (:mod:`.glm`) and the method
+(:mod:`.posterior`). Laplace-LoRA over all
 LoRA weights on laplace-torch (K-FAC): the wrapper (:mod:`.lora`) and the method (:mod:`.lora_posterior`)."""
 
 from pyro_blora.baselines.laplace.lora_posterior import (

@@ -1,183 +1,69 @@
-"""Curvature and linearised predictive of a last-layer Laplace posterior over a softmax head.
+"""Last-layer Laplace's curvature and linearised predictive, on laplace-torch.
 
-The head computes class logits ``f(x) = W phi(x)`` with ``W`` (``C x H``) and
-``phi(x)`` the head's input (a trailing 1 is appended when the head has a
-bias, so ``W`` then holds the bias as its last column). With ``vec`` stacking
-the rows of ``W``, the Jacobian of ``f`` is ``J(x) = I_C (x) phi(x)^T`` and the
-generalised Gauss-Newton (GGN) of the training NLL is
-
-.. math::
-
-    \\mathrm{GGN} = \\sum_n \\Lambda_n \\otimes \\phi_n \\phi_n^\\top,
-    \\qquad \\Lambda_n = \\mathrm{diag}(p_n) - p_n p_n^\\top,
-
-the Hessian of the cross-entropy in the logits (Martens, 2020). Two structures:
-
-* ``"diag"``: the exact diagonal, ``d_{ch} = \\sum_n \\Lambda_{n,cc} \\phi_{nh}^2``;
-* ``"kron"`` (KFAC): ``GGN ~ G (x) A / N`` with ``G = sum_n Lambda_n`` and
-  ``A = sum_n phi_n phi_n^T`` (the expectation of a Kronecker product replaced by
-  the product of expectations, Martens & Grosse, 2015; exact for one example).
-
-The posterior precision is ``P = GGN + tau I`` (isotropic Gaussian prior of
-precision ``tau``). For KFAC, with ``G / N = Q_G L_G Q_G^T`` and ``A = Q_A L_A
-Q_A^T``, ``P = (Q_G (x) Q_A)(L_G (x) L_A + tau)(Q_G (x) Q_A)^T`` (as laplace-torch's
-``KronDecomposed``), so the functional covariance of the linearised (GLM)
-predictive ``f ~ N(W_MAP phi, J P^{-1} J^T)`` is, with ``v = Q_A^T phi``,
+The head computes class logits ``f(x) = W phi(x)`` with ``W`` (``C x H``) and ``phi(x)``
+the head's input (a trailing 1 is appended when the head has a bias, so ``W`` then
+holds the bias as its last column). :class:`HeadLaplace` hands laplace-torch
+(``Laplace(..., "classification", subset_of_weights="all")``) exactly that
+classifier, :class:`MaskedHead`: a bias-free ``nn.Linear`` over ``phi`` whose
+task-masked classes are set to the task's masked logit. laplace-torch then fits the
+generalised Gauss-Newton of the training NLL in ``W``,
 
 .. math::
 
-    \\Sigma_f(x) = Q_G\\, \\mathrm{diag}_g\\Big(\\sum_a \\frac{v_a^2}{\\lambda_g \\lambda_a + \\tau}\\Big) Q_G^\\top,
+    \\mathrm{GGN} = \\sum_n J_n^\\top \\Lambda_n J_n, \\qquad \\Lambda_n = \\mathrm{diag}(p_n) - p_n p_n^\\top,
 
-``O(C H)`` per example; for ``"diag"``, ``Sigma_f(x) = diag_c(sum_h phi_h^2 / (d_ch + tau))``.
+in Kronecker form (``"kron"``, K-FAC: ``G (x) A / N`` with ``G = sum_n Lambda_n``,
+``A = sum_n phi_n phi_n^T``; Martens & Grosse, 2015) or diagonal form (``"diag"``),
+and gives the GLM predictive ``f ~ N(W_MAP phi, J (GGN + tau I)^{-1} J^T)``. The
+Jacobians do not depend on ``tau``: :meth:`HeadLaplace.functional_covariance` takes
+them once, so a grid over ``tau`` costs one ``J Sigma(tau) J^T`` per value.
 
 References: Daxberger et al., *Laplace Redux: Effortless Bayesian Deep Learning*
-(NeurIPS 2021); Ritter et al., *A Scalable Laplace Approximation for Neural
-Networks* (ICLR 2018); Yang et al., *Bayesian Low-rank Adaptation for Large
-Language Models* (ICLR 2024).
+(NeurIPS 2021; laplace-torch); Ritter et al., *A Scalable Laplace Approximation for
+Neural Networks* (ICLR 2018); Kristiadi et al., *Being Bayesian, Even Just a Bit,
+Fixes Overconfidence in ReLU Networks* (ICML 2020).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["STRUCTURES", "LINKS", "HeadCurvature", "softmax_hessian", "predictive_sample_probs", "check_prior_precision"]
+from pyro_blora.baselines.laplace.glm import LINKS, glm_probs
+from pyro_blora.tasks.scoring import MASKED_LOGIT
+
+__all__ = ["STRUCTURES", "LINKS", "MaskedHead", "HeadLaplace", "check_prior_precision"]
 
 STRUCTURES = ("kron", "diag")
-LINKS = ("mc", "probit")
 
 
-def softmax_hessian(logits: Tensor) -> Tensor:
-    """``diag(p) - p p^T`` per row of ``logits`` (``(N, C)`` -> ``(N, C, C)``): the Hessian of
-    ``-log softmax(f)_y`` in ``f``, which does not depend on the label ``y``."""
-    p = torch.softmax(logits.to(torch.float64), dim=-1)
-    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+class MaskedHead(nn.Module):
+    """``f(x) = W phi`` for inputs ``[phi, keep]`` (``keep`` 1 for a class the task scores, 0 for a masked one)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight.to(torch.float64))
+
+    @property
+    def num_features(self) -> int:
+        return self.linear.in_features
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        phi, keep = inputs[:, : self.num_features], inputs[:, self.num_features:]
+        return self.linear(phi).masked_fill(keep < 0.5, MASKED_LOGIT)
 
 
-class HeadCurvature:
-    """The GGN of a softmax head's training NLL in its weights, in ``"kron"`` or ``"diag"`` form.
-
-    Accumulate with :meth:`update` over the training set, then ask for
-    :meth:`functional_covariance` / :meth:`functional_root` at any prior
-    precision ``tau``; the eigendecompositions are computed once and reused
-    across ``tau`` (the grid search costs no further eigendecompositions).
-    All algebra runs in float64.
-
-    Args:
-        structure: ``"kron"`` or ``"diag"``.
-        num_classes: ``C``.
-        num_features: ``H`` (including the bias's 1 when there is one).
-    """
-
-    def __init__(self, structure: str, num_classes: int, num_features: int):
-        if structure not in STRUCTURES:
-            raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
-        self.structure = structure
-        self.num_classes = int(num_classes)
-        self.num_features = int(num_features)
-        self.num_data = 0
-        zeros = dict(dtype=torch.float64)
-        if structure == "kron":
-            self.factors = {
-                "A": torch.zeros(num_features, num_features, **zeros),
-                "G": torch.zeros(num_classes, num_classes, **zeros),
-            }
-        else:
-            self.factors = {"diag": torch.zeros(num_classes, num_features, **zeros)}
-        self._eig: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
-
-    def update(self, phi: Tensor, logits: Tensor) -> None:
-        """Add the GGN of ``N`` examples: head inputs ``phi`` ``(N, H)`` and MAP logits ``(N, C)``."""
-        if phi.dim() != 2 or phi.shape[1] != self.num_features:
-            raise ValueError(f"phi must have shape (N, {self.num_features}), got {tuple(phi.shape)}")
-        if logits.shape != (phi.shape[0], self.num_classes):
-            raise ValueError(f"logits must have shape ({phi.shape[0]}, {self.num_classes}), got {tuple(logits.shape)}")
-        phi = phi.to(torch.float64).cpu()
-        lam = softmax_hessian(logits.cpu())
-        if self.structure == "kron":
-            self.factors["A"] += phi.T @ phi
-            self.factors["G"] += lam.sum(0)
-        else:
-            self.factors["diag"] += torch.diagonal(lam, dim1=-2, dim2=-1).T @ phi.square()
-        self.num_data += phi.shape[0]
-        self._eig = None
-
-    def _eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(L_G, Q_G, L_A, Q_A)`` of ``G / N`` and ``A``, eigenvalues clipped at 0 (round-off)."""
-        if self._eig is None:
-            if self.num_data < 1:
-                raise RuntimeError("the curvature holds no data: call update() with the training set first")
-            g_vals, g_vecs = torch.linalg.eigh(self.factors["G"] / self.num_data)
-            a_vals, a_vecs = torch.linalg.eigh(self.factors["A"])
-            self._eig = (g_vals.clamp(min=0.0), g_vecs, a_vals.clamp(min=0.0), a_vecs)
-        return self._eig
-
-    def ggn(self) -> Tensor:
-        """The (approximate) GGN as a dense ``(C H, C H)`` matrix, rows of ``W`` stacked (small heads only)."""
-        if self.structure == "kron":
-            return torch.kron(self.factors["G"] / max(self.num_data, 1), self.factors["A"])
-        return torch.diag(self.factors["diag"].reshape(-1))
-
-    def precision(self, tau: float) -> Tensor:
-        """Dense posterior precision ``GGN + tau I`` (small heads only; for tests and inspection)."""
-        ggn = self.ggn()
-        return ggn + tau * torch.eye(ggn.shape[0], dtype=ggn.dtype)
-
-    def _variances(self, phi: Tensor, tau: float) -> tuple[Tensor, Optional[Tensor]]:
-        """``(D, Q)`` with ``Sigma_f = Q diag(D) Q^T`` (kron) or ``diag(D)`` (diag, ``Q`` None); ``D`` is ``(N, C)``."""
-        check_prior_precision(tau)
-        phi = phi.to(torch.float64).cpu()
-        if self.structure == "kron":
-            g_vals, g_vecs, a_vals, a_vecs = self._eigen()
-            v2 = (phi @ a_vecs).square()  # (N, H)
-            inv = 1.0 / (a_vals.unsqueeze(1) * g_vals.unsqueeze(0) + tau)  # (H, C)
-            return v2 @ inv, g_vecs
-        if self.num_data < 1:
-            raise RuntimeError("the curvature holds no data: call update() with the training set first")
-        return phi.square() @ (1.0 / (self.factors["diag"] + tau)).T, None
-
-    def functional_covariance(self, phi: Tensor, tau: float) -> Tensor:
-        """``Sigma_f(x) = J P^{-1} J^T`` for each row of ``phi``: ``(N, C, C)``, float64."""
-        var, vecs = self._variances(phi, tau)
-        if vecs is None:
-            return torch.diag_embed(var)
-        return (vecs * var.unsqueeze(1)) @ vecs.T
-
-    def functional_root(self, phi: Tensor, tau: float) -> Tensor:
-        """``R(x)`` with ``R R^T = Sigma_f(x)``: ``(N, C, C)``, float64 (``f = mean + R z``)."""
-        var, vecs = self._variances(phi, tau)
-        if vecs is None:
-            return torch.diag_embed(var.sqrt())
-        return vecs * var.sqrt().unsqueeze(1)
-
-    def functional_variance(self, phi: Tensor, tau: float) -> Tensor:
-        """The diagonal of ``Sigma_f(x)``: ``(N, C)``, float64."""
-        var, vecs = self._variances(phi, tau)
-        return var if vecs is None else var @ vecs.square().T
-
-    def state(self) -> dict[str, Tensor]:
-        """Tensors to save (safetensors): the factors and ``num_data``."""
-        return {**self.factors, "num_data": torch.tensor(self.num_data, dtype=torch.int64)}
-
-    @classmethod
-    def from_state(cls, structure: str, state: dict[str, Tensor]) -> "HeadCurvature":
-        """Rebuild from :meth:`state`; a clear error when the tensors do not fit ``structure``."""
-        keys = {"kron": {"A", "G", "num_data"}, "diag": {"diag", "num_data"}}.get(structure)
-        if keys is None:
-            raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
-        if set(state) != keys:
-            raise ValueError(f"a {structure!r} Laplace posterior needs tensors {sorted(keys)}, got {sorted(state)}")
-        if structure == "kron":
-            num_classes, num_features = state["G"].shape[0], state["A"].shape[0]
-        else:
-            num_classes, num_features = state["diag"].shape
-        out = cls(structure, num_classes, num_features)
-        out.factors = {k: v.to(torch.float64) for k, v in state.items() if k != "num_data"}
-        out.num_data = int(state["num_data"])
-        return out
+def head_inputs(phi: Tensor, keep: Optional[Tensor], num_classes: int) -> Tensor:
+    """``[phi, keep]`` rows (float64) for :class:`MaskedHead`; every class kept when ``keep`` is None."""
+    phi = phi.to(torch.float64).cpu()
+    keep = torch.ones(phi.shape[0], num_classes, dtype=torch.float64) if keep is None else keep.to(torch.float64).cpu()
+    return torch.cat([phi, keep], dim=1)
 
 
 def check_prior_precision(tau: float) -> None:
@@ -186,34 +72,95 @@ def check_prior_precision(tau: float) -> None:
         raise ValueError(f"the prior precision tau must be a finite number > 0, got {tau!r}")
 
 
-def predictive_sample_probs(
-    mean: Tensor,
-    phi: Tensor,
-    curvature: HeadCurvature,
-    tau: float,
-    link_approx: str,
-    noise: Optional[Tensor] = None,
-    keep: Optional[Tensor] = None,
-) -> Tensor:
-    """Class probabilities of the linearised predictive ``f ~ N(mean, Sigma_f(x))``.
+class HeadLaplace:
+    """laplace-torch's ``Laplace`` over a softmax head's weights ``W`` (``C x H``), ``"kron"`` or ``"diag"``.
 
-    ``"mc"``: ``softmax(mean + R(x) z)`` for each ``z`` of ``noise`` (``(S, N, C)``
-    standard normals), ``(S, N, C)``. ``"probit"``: the multiclass probit
-    approximation ``softmax(mean / sqrt(1 + pi/8 diag Sigma_f))`` (MacKay, 1992; as
-    laplace-torch), ``(1, N, C)``. Entries where ``keep`` (``(N, C)`` bool) is False
-    keep their ``mean`` (the task's masked-out classes stay at zero probability).
+    Args:
+        weight: ``W_MAP`` (``C x H``; the bias as last column where the head has one).
+        structure: ``"kron"`` or ``"diag"``.
     """
-    if link_approx not in LINKS:
-        raise ValueError(f"unknown link_approx {link_approx!r}; choose one of {list(LINKS)}")
-    mean64 = mean.to(torch.float64).cpu()
-    if link_approx == "probit":
-        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * curvature.functional_variance(phi, tau))
-        logits = (mean64 * kappa).unsqueeze(0)
-    else:
-        if noise is None:
-            raise ValueError("link_approx='mc' needs noise: an (S, N, C) tensor of standard normals")
-        root = curvature.functional_root(phi, tau)
-        logits = mean64 + torch.einsum("ncg,sng->snc", root, noise.to(torch.float64).cpu())
-    if keep is not None:
-        logits = torch.where(keep.cpu().bool(), logits, mean64)
-    return torch.softmax(logits, dim=-1).to(torch.float32)
+
+    def __init__(self, weight: Tensor, structure: str):
+        if structure not in STRUCTURES:
+            raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
+        try:
+            from laplace import Laplace
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("last-layer Laplace needs laplace-torch: pip install 'pyro-blora[baselines]'") from err
+        self.structure = structure
+        self.head = MaskedHead(weight)
+        self.la = Laplace(self.head, "classification", subset_of_weights="all", hessian_structure=structure)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.linear.out_features
+
+    @property
+    def num_features(self) -> int:
+        return self.head.num_features
+
+    def fit(self, phi: Tensor, keep: Optional[Tensor], labels: Tensor, batch_size: int = 256) -> None:
+        """The GGN over the training set: head inputs ``phi`` ``(N, H)``, class mask or None, labels ``(N,)``."""
+        if phi.dim() != 2 or phi.shape[1] != self.num_features:
+            raise ValueError(f"phi must have shape (N, {self.num_features}), got {tuple(phi.shape)}")
+        data = TensorDataset(head_inputs(phi, keep, self.num_classes), labels.long().cpu())
+        self.la.fit(DataLoader(data, batch_size=batch_size))
+
+    def jacobians(self, phi: Tensor, keep: Optional[Tensor]) -> Tensor:
+        """``J(x)`` of the logits in ``W``, ``(N, C, C H)`` (zero rows for masked classes); independent of ``tau``."""
+        js, _ = self.la.backend.jacobians(head_inputs(phi, keep, self.num_classes), enable_backprop=False)
+        return js.detach()
+
+    def functional_covariance(self, jacobians: Tensor, tau: float) -> Tensor:
+        """``J (GGN + tau I)^{-1} J^T`` per example, ``(N, C, C)`` float64."""
+        check_prior_precision(tau)
+        self.la.prior_precision = float(tau)
+        return self.la.functional_variance(jacobians).detach().double()
+
+    def sample_probs(self, mean: Tensor, jacobians: Tensor, tau: float, link_approx: str, num_samples: int = 1,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+        """``(S, N, C)`` probabilities of ``f ~ N(mean, Sigma_f(x))`` (``mean``: the MAP logits, masking included)."""
+        return glm_probs(mean.double().cpu(), self.functional_covariance(jacobians, tau), link_approx, num_samples,
+                         generator)
+
+    def ggn(self) -> Tensor:
+        """The fitted GGN as a dense ``(C H, C H)`` matrix, rows of ``W`` stacked (small heads; tests, inspection)."""
+        if self.structure == "kron":
+            return self.la.H_facs.to_matrix().double() if hasattr(self.la, "H_facs") else self.la.H.to_matrix().double()
+        return torch.diag(self.la.H.double())
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors to save (safetensors): the un-decomposed factors (``kron``) or the diagonal, and the data size."""
+        out = {"n_data": torch.tensor(int(self.la.n_data)), "loss": torch.tensor(float(self.la.loss))}
+        if self.structure == "kron":
+            for i, factor in enumerate(_kron_blocks(self.la)):
+                out[f"kron.{i}"] = factor.detach().cpu().contiguous()
+        else:
+            out["diag"] = self.la.H.detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_state(cls, weight: Tensor, structure: str, state: dict[str, Tensor]) -> "HeadLaplace":
+        """Rebuild around ``W_MAP`` from :meth:`state`; a clear error when the tensors do not fit ``structure``."""
+        out = cls(weight, structure)
+        want = {"kron": {"kron.0", "kron.1"}, "diag": {"diag"}}[structure] | {"n_data", "loss"}
+        if set(state) != want:
+            raise ValueError(f"a {structure!r} Laplace posterior needs tensors {sorted(want)}, got {sorted(state)}")
+        la = out.la
+        la.n_data, la.loss, la.n_outputs = int(state["n_data"]), float(state["loss"]), out.num_classes
+        setattr(la.model, "output_size", out.num_classes)
+        if structure == "kron":
+            from laplace.utils.matrix import Kron
+
+            la.H_facs = Kron([[state["kron.0"].double(), state["kron.1"].double()]])
+            la.H = la.H_facs.decompose(damping=la.damping)
+        else:
+            la.H = state["diag"].double()
+        return out
+
+
+def _kron_blocks(la: Any) -> Sequence[Tensor]:
+    blocks = la.H_facs.kfacs
+    if len(blocks) != 1:
+        raise RuntimeError(f"a head's K-FAC has one block (its weight), got {len(blocks)}")
+    return list(blocks[0])

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pyro_blora.baselines.laplace.glm import LINKS, glm_probs
 from pyro_blora.baselines.laplace.lora import (
     LoRAClassifier,
     build_laplace,
@@ -43,7 +44,6 @@ from pyro_blora.training.svi import fit_svi
 __all__ = ["LaplaceLoRAOptions", "LaplaceLoRAResult", "fit_laplace_lora", "laplace_lora_from_map", "load_laplace_lora"]
 
 KFAC_NAME = "laplace_lora_kfac.safetensors"
-LINKS = ("probit", "mc")
 PRIOR_METHODS = ("marglik", "val_nll")
 _FORMAT = 1
 
@@ -132,24 +132,8 @@ class LaplaceLoRAResult(WrappedPosterior):
         return Prediction(sample_probs.mean(0), sample_probs, torch.cat(labels) if labels else None)
 
     def _probs(self, f_mu: Tensor, f_var: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
-        """``(S, B, C)`` class probabilities of the GLM predictive ``N(f_mu, f_var)``: probit (``S = 1``,
-        laplace-torch's formula ``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``) or ``num_samples`` softmax draws."""
-        if self.link_approx == "probit":
-            kappa = 1 / torch.sqrt(1.0 + torch.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
-            return torch.softmax(kappa * f_mu, dim=-1)[None]
-        return self._mc_probs(f_mu, f_var, num_samples, generator)
-
-    def _mc_probs(self, f_mu: Tensor, f_var: Tensor, num_samples: int, generator: Optional[torch.Generator]) -> Tensor:
-        """``softmax(f_mu + R z)`` with ``R R^T = J Sigma J^T`` from a clamped eigendecomposition.
-
-        laplace-torch's ``predictive_samples`` takes a Cholesky factor of ``J Sigma J^T``, which fails
-        ("linalg.cholesky: ... not positive-definite") when a masked choice has zero variance; this root does not.
-        """
-        values, vectors = torch.linalg.eigh(f_var.detach().double())
-        root = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
-        z = torch.randn((num_samples, *f_mu.shape), generator=generator, dtype=torch.float64, device=f_mu.device)
-        f = f_mu.detach().double() + torch.einsum("bij,sbj->sbi", root, z)
-        return torch.softmax(f, dim=-1)
+        """``(S, B, C)`` class probabilities of the GLM predictive ``N(f_mu, f_var)`` (:func:`~.glm.glm_probs`)."""
+        return glm_probs(f_mu, f_var, self.link_approx, num_samples, generator)
 
     def functional_variance(self, data: Any, batch_size: int = 8) -> Tensor:
         """``(N, C)`` diagonal of ``J Sigma J^T``, the GLM predictive's logit variance."""

@@ -8,8 +8,8 @@ ids, see :mod:`pyro_blora.baselines.laplace.head`) get a Gaussian posterior
 
     q(W_{ans}) = \\mathcal{N}\\big(W_{MAP},\\ (\\mathrm{GGN} + \\tau I)^{-1}\\big),
 
-with the GGN of the training NLL in Kronecker (KFAC, default) or diagonal form
-(:mod:`pyro_blora.baselines.laplace.curvature`). Predictions use the linearised (GLM)
+with the GGN of the training NLL in Kronecker (KFAC, default) or diagonal form, fitted by
+laplace-torch on the head alone (:mod:`pyro_blora.baselines.laplace.curvature`). Predictions use the linearised (GLM)
 predictive ``f(x) ~ N(W_MAP phi(x), Sigma_f(x))`` in closed form, averaged over
 Monte Carlo draws of ``f`` (``link_approx="mc"``) or by the probit approximation.
 The prior precision ``tau`` is picked on a log grid by validation NLL (the same
@@ -38,14 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pyro_blora.baselines.laplace.curvature import (
-    LINKS,
-    STRUCTURES,
-    HeadCurvature,
-    check_prior_precision,
-    predictive_sample_probs,
-)
-from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head
+from pyro_blora.baselines.laplace.curvature import LINKS, STRUCTURES, HeadLaplace, check_prior_precision
+from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head, head_weight
 from pyro_blora.io import METHOD_FILE, atomic_write, read_method_file, write_method_file
 from pyro_blora.io import save as save_adapter
 from pyro_blora.methods import FitRequest, Method, register_method
@@ -61,22 +55,16 @@ Data = Union[Dataset, DataLoader, Sequence[Any]]
 POSTERIOR_NAME = "laplace_posterior.safetensors"
 DEFAULT_GRID = tuple(float(t) for t in torch.logspace(-4, 6, 41, dtype=torch.float64))
 """Prior precisions tried by default: 1e-4 .. 1e6, four per decade (the top end is nearly the MAP)."""
-_FORMAT = 1
+_FORMAT = 2  # 2: laplace-torch's factors (1 was our own K-FAC code)
 
 
-def _noise(shape: tuple[int, ...], seed: Optional[int]) -> Tensor:
-    """Standard normals from a private stream when ``seed`` is given, else from torch's global RNG."""
-    if seed is None:
-        return torch.randn(shape, dtype=torch.float64)
-    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(seed)))
-
-
-def _sample_probs(features: HeadFeatures, curvature: HeadCurvature, tau: float, link: str, noise: Optional[Tensor]) -> Tensor:
-    return predictive_sample_probs(features.mean, features.phi, curvature, tau, link, noise, features.keep)
+def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
+    """A private stream when ``seed`` is given, else None (torch's global RNG)."""
+    return None if seed is None else torch.Generator().manual_seed(int(seed))
 
 
 def tune_prior_precision(
-    curvature: HeadCurvature,
+    curvature: HeadLaplace,
     features: HeadFeatures,
     grid: Sequence[float],
     link_approx: str = "mc",
@@ -85,16 +73,17 @@ def tune_prior_precision(
 ) -> tuple[float, list[dict[str, float]]]:
     """The ``tau`` of ``grid`` with the lowest validation NLL, and the NLL of every grid value.
 
-    Every ``tau`` sees the same ``num_samples`` standard-normal draws (common
-    random numbers), so the comparison is not blurred by Monte Carlo noise;
-    ties go to the first grid value.
+    The Jacobians are computed once; every ``tau`` sees the same ``num_samples``
+    standard-normal draws (common random numbers), so the comparison is not
+    blurred by Monte Carlo noise; ties go to the first grid value.
     """
     if features.labels is None:
         raise ValueError("tuning the prior precision needs labelled validation data")
-    noise = _noise((num_samples, *features.mean.shape), seed) if link_approx == "mc" else None
+    jacobians = curvature.jacobians(features.phi, features.keep)
     table = []
     for tau in grid:
-        probs = _sample_probs(features, curvature, float(tau), link_approx, noise).mean(0)
+        probs = curvature.sample_probs(features.mean, jacobians, float(tau), link_approx, num_samples,
+                                       _generator(seed)).mean(0).float()
         table.append({"prior_precision": float(tau), "nll": negative_log_likelihood(probs, features.labels)})
     best = min(range(len(table)), key=lambda i: table[i]["nll"])
     return table[best]["prior_precision"], table
@@ -106,7 +95,7 @@ class LaplaceResult(WrappedPosterior):
     Attributes:
         map_result: the MAP :class:`FitResult` (the adapters, the task, the training history).
         head: the answer head (:class:`~pyro_blora.baselines.laplace.head.AnswerHead`).
-        curvature: the GGN factors (:class:`~pyro_blora.baselines.laplace.curvature.HeadCurvature`).
+        curvature: laplace-torch's posterior over the head (:class:`~pyro_blora.baselines.laplace.curvature.HeadLaplace`).
         prior_precision: ``tau``.
         link_approx: ``"mc"`` or ``"probit"``.
         tuning: the validation NLL of each grid value when ``tau`` was tuned, else ``[]``.
@@ -119,7 +108,7 @@ class LaplaceResult(WrappedPosterior):
         self,
         map_result: FitResult,
         head: AnswerHead,
-        curvature: HeadCurvature,
+        curvature: HeadLaplace,
         prior_precision: float,
         link_approx: str = "mc",
         tuning: Optional[list[dict[str, float]]] = None,
@@ -168,8 +157,9 @@ class LaplaceResult(WrappedPosterior):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         features = self.features(data, batch_size)
-        noise = _noise((num_samples, *features.mean.shape), seed) if self.link_approx == "mc" else None
-        sample_probs = _sample_probs(features, self.curvature, self.prior_precision, self.link_approx, noise)
+        jacobians = self.curvature.jacobians(features.phi, features.keep)
+        sample_probs = self.curvature.sample_probs(features.mean, jacobians, self.prior_precision, self.link_approx,
+                                                   num_samples, _generator(seed)).float()
         return Prediction(sample_probs.mean(0), sample_probs, features.labels)
 
     def use_posterior_mean(self) -> None:
@@ -179,7 +169,7 @@ class LaplaceResult(WrappedPosterior):
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """The MAP adapter (:func:`pyro_blora.io.save`), the factors (safetensors) and ``method.json``."""
         folder = save_adapter(self.map_result, path)
-        tensors = {k: v.contiguous() for k, v in self.curvature.state().items()}
+        tensors = self.curvature.state()
         atomic_write(folder / POSTERIOR_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         meta = {
             "method": self.method, "format_version": _FORMAT, "structure": self.structure,
@@ -250,8 +240,10 @@ def laplace_from_map(
     batch_size = batch_size or map_result.train_config.batch_size
     map_result.use_posterior_mean()
     train = collect_features(map_result.net, map_result.task, head, train_data, batch_size)
-    curvature = HeadCurvature(structure, len(head.ids), head.num_features)
-    curvature.update(train.phi, train.mean)
+    if train.labels is None:
+        raise ValueError("last-layer Laplace fits the GGN of the training NLL: train_data needs labels")
+    curvature = HeadLaplace(head_weight(head), structure)
+    curvature.fit(train.phi, train.keep, train.labels)
     tuning: list[dict[str, float]] = []
     if prior_precision is None:
         val = collect_features(map_result.net, map_result.task, head, val_data, batch_size)  # type: ignore[arg-type]
@@ -299,7 +291,9 @@ def load_laplace(
     folder = Path(path)
     meta = read_method_file(folder, "laplace")
     if meta.get("format_version") != _FORMAT:
-        raise ValueError(f"{folder / METHOD_FILE} is not a last-layer Laplace result of format {_FORMAT}")
+        old = " (format 1 held our own K-FAC factors: refit it with laplace_from_map on the saved MAP)"
+        raise ValueError(f"{folder / METHOD_FILE} is not a last-layer Laplace result of format {_FORMAT}"
+                         f"{old if meta.get('format_version') == 1 else ''}")
     saved = meta["head"]
     if task is None:
         if saved["kind"] == "answer_token":
@@ -310,7 +304,8 @@ def load_laplace(
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError, FileNotFoundError) as err:
         raise ValueError(f"{file} could not be read (missing, truncated or corrupted?): {err}") from err
-    curvature = HeadCurvature.from_state(meta["structure"], state)
+    if meta.get("structure") not in STRUCTURES:
+        raise ValueError(f"{folder / METHOD_FILE}: unknown Laplace structure {meta.get('structure')!r}")
     ids = find_head(model, task).ids  # checked before load_fit_result injects adapters into the model
     if ids != saved["ids"]:
         raise ValueError(
@@ -319,6 +314,8 @@ def load_laplace(
         )
     map_result = load_fit_result(folder, model, task=task, guide=guide, check_base=check_base)
     head = find_head(map_result.net, task)
+    map_result.use_posterior_mean()
+    curvature = HeadLaplace.from_state(head_weight(head), meta["structure"], state)
     return LaplaceResult(map_result, head, curvature, meta["prior_precision"], meta["link_approx"], meta.get("tuning"))
 
 
