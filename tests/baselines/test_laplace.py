@@ -282,3 +282,19 @@ def test_a_laplace_folder_of_another_format_is_named(tmp_path) -> None:
     (tmp_path / "method.json").write_text(json.dumps({"method": "laplace", "format_version": 1}))
     with pytest.raises(ValueError, match=r"format 1 held our own K-FAC factors: refit it with laplace_from_map"):
         load_laplace(tmp_path, None)
+
+
+@pytest.mark.parametrize("method", ["laplace", "laplace_lora"])
+def test_a_missing_laplace_torch_is_named_before_training(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyro_blora.baselines.laplace.glm as glm
+    import pyro_blora.baselines.laplace.lora_posterior as lora_posterior
+    import pyro_blora.baselines.laplace.posterior as posterior
+
+    monkeypatch.setattr(glm, "find_spec", lambda name: None)
+    for module in (posterior, lora_posterior):
+        monkeypatch.setattr(module, "fit_svi", lambda *a, **k: pytest.fail("trained before checking for laplace-torch"))
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = [{"inputs": torch.randn(4), "labels": i % 2} for i in range(8)]
+    with pytest.raises(ImportError, match=r"needs laplace-torch: pip install 'pyro-blora\[baselines\]'"):
+        pyro_blora.fit(net, data, guide=method, config=BLoRAConfig(target_modules=["0", "2"], r=2), val_data=data,
+                       num_steps=1, progress=False)

@@ -9,12 +9,13 @@ for every value. This module does both from a clamped eigendecomposition and a c
 from __future__ import annotations
 
 import math
+from importlib.util import find_spec
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["LINKS", "glm_probs"]
+__all__ = ["LINKS", "glm_probs", "require_laplace_torch"]
 
 LINKS = ("probit", "mc")
 
@@ -36,3 +37,9 @@ def glm_probs(f_mu: Tensor, f_var: Tensor, link_approx: str, num_samples: int,
     root = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
     z = torch.randn((num_samples, *f_mu.shape), generator=generator, dtype=torch.float64, device=f_mu.device)
     return torch.softmax(f_mu + torch.einsum("bij,sbj->sbi", root, z), dim=-1)
+
+
+def require_laplace_torch(method: str) -> None:
+    """An ImportError naming ``method`` and the extra to install when laplace-torch is missing (before any training)."""
+    if find_spec("laplace") is None:
+        raise ImportError(f"{method} needs laplace-torch: pip install 'pyro-blora[baselines]' (or laplace-torch)")

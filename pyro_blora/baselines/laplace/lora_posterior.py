@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pyro_blora.baselines.laplace.glm import LINKS, glm_probs
+from pyro_blora.baselines.laplace.glm import LINKS, glm_probs, require_laplace_torch
 from pyro_blora.baselines.laplace.lora import (
     LoRAClassifier,
     build_laplace,
@@ -220,6 +220,7 @@ def laplace_lora_from_map(
     if not isinstance(map_result, FitResult) or not map_result.is_deterministic:
         raise ValueError(f"Laplace-LoRA expands around a MAP fit (guide='delta'), got {type(map_result).__name__}")
     _check(link_approx, prior_method, prior_precision, val_data)
+    require_laplace_torch("Laplace-LoRA")
     batch_size = batch_size or map_result.train_config.batch_size
     wrapper = LoRAClassifier(map_result, modules)
     check_kfac_size(wrapper, max_kfac_gib)
@@ -257,6 +258,7 @@ class LaplaceLoRAOptions:
 
 def fit_laplace_lora(model: Any, data: Any, request: FitRequest, options: LaplaceLoRAOptions) -> LaplaceLoRAResult:
     """``fit(model, data, guide="laplace_lora", ...)``: MAP LoRA (``delta``), then K-FAC Laplace over all LoRA weights."""
+    require_laplace_torch("Laplace-LoRA (guide='laplace_lora')")
     _check(options.link_approx, options.prior_method, options.prior_precision, request.val_data)
     map_result = fit_svi(model, data, "delta", **request.svi_arguments())
     return laplace_lora_from_map(map_result, data, request.val_data, **dataclasses.asdict(options))

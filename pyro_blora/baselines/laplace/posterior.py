@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.baselines.laplace.curvature import LINKS, STRUCTURES, HeadLaplace, check_prior_precision
+from pyro_blora.baselines.laplace.glm import require_laplace_torch
 from pyro_blora.baselines.laplace.head import AnswerHead, HeadFeatures, collect_features, find_head, head_weight
 from pyro_blora.io import METHOD_FILE, atomic_write, read_method_file, write_method_file
 from pyro_blora.io import save as save_adapter
@@ -234,6 +235,7 @@ def laplace_from_map(
         raise TypeError(f"laplace_from_map needs a FitResult of a MAP fit, got {type(map_result).__name__}")
     if not map_result.is_deterministic:
         raise ValueError("last-layer Laplace expands around the MAP: fit the adapters with guide='delta' first")
+    require_laplace_torch("last-layer Laplace")
     grid = tuple(float(t) for t in prior_precision_grid)
     _check_options(structure, prior_precision, link_approx, grid, tune_samples, val_data)
     head = find_head(map_result.net, map_result.task)
@@ -273,6 +275,7 @@ def fit_laplace(model: Any, data: Data, request: FitRequest, options: LaplaceOpt
     Every argument of the request goes to the MAP run (the ``delta`` family).
     Options, validation data and the task are checked before training.
     """
+    require_laplace_torch("last-layer Laplace (guide='laplace')")
     grid = tuple(float(v) for v in options.prior_precision_grid)
     _check_options(options.structure, options.prior_precision, options.link_approx, grid, options.tune_samples, request.val_data)
     find_head(model, request.task)  # a task without an answer head fails now, not after training
