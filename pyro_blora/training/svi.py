@@ -30,8 +30,7 @@ from pyro_blora.guides.base import InducingGuide
 from pyro_blora.models.geometry import deferred_checks
 from pyro_blora.models.layer import BayesianLoRALinear
 from pyro_blora.models.packing import pack_parameters
-from pyro_blora.models.priors import InducingPrior
-from pyro_blora.models.priors import shared_geometry
+from pyro_blora.models.priors import InducingPrior, shared_geometry
 
 from pyro_blora.training.callbacks import Callback, CheckpointWriter, ValidationMonitor, run_callbacks
 from pyro_blora.training.checkpoint import deferred_interrupt, load_checkpoint, restore_checkpoint, seed_epoch

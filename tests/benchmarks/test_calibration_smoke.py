@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "calibration.py"
@@ -86,19 +88,18 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
 
 
-def test_last_block_modules_takes_the_highest_numbered_block():
+def test_last_block_modules_takes_the_highest_numbered_block(monkeypatch):
     import importlib.util
     from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("calibration_peers", ROOT / "benchmarks" / "calibration_peers.py")
     peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "calibration_peers", peers)  # its dataclass looks its module up
     spec.loader.exec_module(peers)
     names = ["layers.1.self_attn.q_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj",
              "layers.9.self_attn.v_proj", "lm_head"]
     fit = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name=n) for n in names]))
     assert peers.last_block_modules(fit) == ["layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj"]
     only_head = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name="lm_head")]))
-    import pytest
-
     with pytest.raises(ValueError, match="no adapted layer sits in a numbered block"):
         peers.last_block_modules(only_head)
