@@ -137,7 +137,7 @@ def _roles(modules: Sequence[nn.Module], member_types: tuple[type, ...], trainab
             seen.add(id(module))
             owned = [(name, p) for name, p in _owned_parameters(module, member_types) if id(p) in trainable]
             layout = tuple((name, tuple(p.shape), p.dtype, p.device, trainable[id(p)]) for name, p in owned)
-            for (name, param), entry in zip(owned, layout):
+            for (_, param), entry in zip(owned, layout):
                 roles[(type(module), layout, entry)].append(param)
     return roles
 

@@ -35,7 +35,6 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_blora.baselines.laplace.curvature import LINKS, STRUCTURES, HeadLaplace, check_prior_precision
