@@ -134,9 +134,13 @@ def _shift_sets(cfg: ExperimentConfig, prepared: Prepared) -> dict[str, list]:
     return out
 
 
-def _predict_all(result: Any, prepared: Prepared, shifted: dict[str, list], samples: int, seed: int) -> dict[str, Prediction]:
+def _predict_all(result: Any, prepared: Prepared, shifted: dict[str, list], samples: int, seed: int,
+                 done: Optional[dict[str, Prediction]] = None) -> dict[str, Prediction]:
+    """Predictions of validation, test and the shift sets; those in ``done`` (same fit, same seed) are kept."""
     parts = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
-    return {name: result.predict(data, num_samples=samples, seed=seed) for name, data in parts.items()}
+    done = done or {}
+    return {name: done[name] if name in done else result.predict(data, num_samples=samples, seed=seed)
+            for name, data in parts.items()}
 
 
 def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction]) -> None:
@@ -205,11 +209,7 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
         seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
         finished = schedule is not None and schedule.records and schedule.records[-1]["step"] == cfg.num_steps
         # the last checkpoint is the finished fit, predicted with the same seed: not predicted twice
-        if finished:
-            predictions = {**schedule.last, **{f"shift.{k}": result.predict(v, num_samples=cfg.num_samples, seed=seed)
-                                               for k, v in shifted.items()}}
-        else:
-            predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed, schedule.last if finished else None)
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
                   "peak_memory_mb": peak_mb, "memory_method": memory.method, "num_train": len(prepared.train),
                   "settings": settings, "overrides": overrides,

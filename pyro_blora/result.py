@@ -261,6 +261,10 @@ class FitResult:
         finally:
             self.net.train(was_training)
 
+    def stacks_samples(self, stack_samples: Optional[bool] = None) -> bool:
+        """``stack_samples`` of :meth:`predict`, None resolved: stacked on an accelerator, looped on a CPU."""
+        return stack_samples if stack_samples is not None else any(p.device.type != "cpu" for p in self.net.parameters())
+
     @torch.no_grad()
     def predict(
         self,
@@ -272,14 +276,11 @@ class FitResult:
     ) -> Prediction:
         """Posterior predictive: average the class probabilities of ``num_samples`` posterior draws.
 
-        The same ``num_samples`` joint weight draws are used for every example.
-        With ``stack_samples`` the draws share one forward per batch (the batch is
-        repeated ``S`` times); otherwise one forward per draw, for less memory. None (default): stacked on
-        an accelerator (fewer kernel launches), one forward per draw on a CPU (``docs/performance.md``).
-        A MAP guide has one draw whatever ``num_samples`` says. ``seed`` (default
-        :data:`DEFAULT_PREDICT_SEED`) seeds a private stream for everything random
-        in the prediction, so it is reproducible and leaves the caller's RNG alone;
-        ``None`` draws from the global RNG.
+        The same ``num_samples`` joint weight draws are used for every example. With ``stack_samples`` the draws
+        share one forward per batch (the batch repeated ``S`` times), else one forward per draw; None
+        (:meth:`stacks_samples`): stacked on an accelerator, looped on a CPU (``docs/performance.md``). A MAP guide
+        has one draw whatever ``num_samples`` says. ``seed`` (default :data:`DEFAULT_PREDICT_SEED`) seeds a private
+        stream for everything random in the prediction; ``None`` draws from the global RNG.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -291,8 +292,7 @@ class FitResult:
                 torch.manual_seed(seed)
                 return self.predict(data, num_samples, batch_size, stack_samples, seed=None)
         samples = 1 if self.is_deterministic else num_samples
-        if stack_samples is None:
-            stack_samples = any(p.device.type != "cpu" for p in self.net.parameters())
+        stack_samples = self.stacks_samples(stack_samples)
         weights = self.sample_weights(samples)
         loader = make_loader(data, self.task, batch_size, shuffle=False)
         all_probs, all_labels = [], []

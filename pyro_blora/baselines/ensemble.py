@@ -200,8 +200,7 @@ class EnsembleResult(WrappedPosterior):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if stack_samples is None:
-            stack_samples = any(p.device.type != "cpu" for p in self.template.net.parameters())
+        stack_samples = self.template.stacks_samples(stack_samples)
         try:
             if stack_samples and self.can_stack():
                 return self._predict_stacked(data, num_samples, batch_size, seed)

@@ -27,13 +27,14 @@ Fixes Overconfidence in ReLU Networks* (ICML 2020).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyro_blora.baselines.laplace.glm import LINKS, glm_probs
+from pyro_blora.baselines.laplace.glm import LINKS, glm_probs, require_laplace_torch
+from pyro_blora.baselines.laplace.lora import kron_factors, set_kron_factors
 from pyro_blora.tasks.scoring import MASKED_LOGIT
 
 __all__ = ["STRUCTURES", "LINKS", "MaskedHead", "HeadLaplace", "check_prior_precision"]
@@ -83,10 +84,9 @@ class HeadLaplace:
     def __init__(self, weight: Tensor, structure: str):
         if structure not in STRUCTURES:
             raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
-        try:
-            from laplace import Laplace
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("last-layer Laplace needs laplace-torch: pip install 'pyro-blora[baselines]'") from err
+        require_laplace_torch("last-layer Laplace")
+        from laplace import Laplace
+
         self.structure = structure
         self.head = MaskedHead(weight)
         self.la = Laplace(self.head, "classification", subset_of_weights="all", hessian_structure=structure)
@@ -126,41 +126,28 @@ class HeadLaplace:
     def ggn(self) -> Tensor:
         """The fitted GGN as a dense ``(C H, C H)`` matrix, rows of ``W`` stacked (small heads; tests, inspection)."""
         if self.structure == "kron":
-            return self.la.H_facs.to_matrix().double() if hasattr(self.la, "H_facs") else self.la.H.to_matrix().double()
+            return self.la.H_facs.to_matrix().double()
         return torch.diag(self.la.H.double())
 
     def state(self) -> dict[str, Tensor]:
         """Tensors to save (safetensors): the un-decomposed factors (``kron``) or the diagonal, and the data size."""
         out = {"n_data": torch.tensor(int(self.la.n_data)), "loss": torch.tensor(float(self.la.loss))}
         if self.structure == "kron":
-            for i, factor in enumerate(_kron_blocks(self.la)):
-                out[f"kron.{i}"] = factor.detach().cpu().contiguous()
-        else:
-            out["diag"] = self.la.H.detach().cpu().contiguous()
-        return out
+            return {**out, **{f"kron.{k}": v for k, v in kron_factors(self.la).items()}}
+        return {**out, "diag": self.la.H.detach().cpu().contiguous()}
 
     @classmethod
     def from_state(cls, weight: Tensor, structure: str, state: dict[str, Tensor]) -> "HeadLaplace":
         """Rebuild around ``W_MAP`` from :meth:`state`; a clear error when the tensors do not fit ``structure``."""
         out = cls(weight, structure)
-        want = {"kron": {"kron.0", "kron.1"}, "diag": {"diag"}}[structure] | {"n_data", "loss"}
+        want = {"kron": {"kron.0.0", "kron.0.1"}, "diag": {"diag"}}[structure] | {"n_data", "loss"}
         if set(state) != want:
             raise ValueError(f"a {structure!r} Laplace posterior needs tensors {sorted(want)}, got {sorted(state)}")
-        la = out.la
-        la.n_data, la.loss, la.n_outputs = int(state["n_data"]), float(state["loss"]), out.num_classes
-        setattr(la.model, "output_size", out.num_classes)
+        la, n_data, loss = out.la, int(state["n_data"]), float(state["loss"])
         if structure == "kron":
-            from laplace.utils.matrix import Kron
-
-            la.H_facs = Kron([[state["kron.0"].double(), state["kron.1"].double()]])
-            la.H = la.H_facs.decompose(damping=la.damping)
+            factors = {k[len("kron."):]: v.double() for k, v in state.items() if k.startswith("kron.")}
+            set_kron_factors(la, factors, n_data, out.num_classes, loss)
         else:
-            la.H = state["diag"].double()
+            la.H, la.n_data, la.n_outputs, la.loss = state["diag"].double(), n_data, out.num_classes, loss
+            setattr(la.model, "output_size", out.num_classes)
         return out
-
-
-def _kron_blocks(la: Any) -> Sequence[Tensor]:
-    blocks = la.H_facs.kfacs
-    if len(blocks) != 1:
-        raise RuntimeError(f"a head's K-FAC has one block (its weight), got {len(blocks)}")
-    return list(blocks[0])

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pyro_blora.baselines.laplace.glm import require_laplace_torch
 from pyro_blora.inject import matches
 from pyro_blora.result import FitResult
 from pyro_blora.tasks.base import Task
@@ -105,10 +106,9 @@ class LoRAClassifier(nn.Module):
 
 def build_laplace(wrapper: LoRAClassifier) -> Any:
     """``Laplace(wrapper, "classification", subset_of_weights="all", hessian_structure="kron")``."""
-    try:
-        from laplace import Laplace
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("laplace_lora needs laplace-torch: pip install 'pyro-blora[baselines]'") from err
+    require_laplace_torch("Laplace-LoRA")
+    from laplace import Laplace
+
     for param in wrapper.parameters():
         param.requires_grad_(True)
     # laplace-torch reads the batch size (and device) off ``batch[dict_key_x]``: cached batches carry
