@@ -31,21 +31,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors.torch import save_file
-
-from calibration_peers import PEERS, peer_summary
+from calibration_io import adapter_path, brief, log, predict_all, run_path, write_run
+from calibration_peers import PEERS, fit_peers, fit_peers_from_saved, peer_backlog
 from common import PeakMemory
 
 from pyro_blora.experiments.pipeline import ExperimentConfig, Prepared, fit_method, prepare
 from pyro_blora.inject import remove_adapters
-from pyro_blora.result import Prediction
 from pyro_blora.training.callbacks import EvaluationSchedule, fraction_steps
 
 TRAINED = ["delta", "mc_dropout", "blob", "normal", "flow"]
@@ -113,14 +110,6 @@ def experiment_config(task: str, data_dir: Optional[str], device: str, overrides
     return ExperimentConfig(task=task, methods=["delta"], seed=0, data_dir=data_dir, device=device, **values)
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run_path(out: Path, task: str, method: str, seed: int) -> Path:
-    return out / task / method / f"seed{seed}.json"
-
-
 def _shift_sets(cfg: ExperimentConfig, prepared: Prepared) -> dict[str, list]:
     """Test sets of the shifted tasks, restricted to questions the task's answer letters cover."""
     from pyro_blora.tasks import load_benchmark, subsample
@@ -132,29 +121,6 @@ def _shift_sets(cfg: ExperimentConfig, prepared: Prepared) -> dict[str, list]:
         cache = getattr(prepared.task, "cache", None)
         out[name] = cache(examples, desc=f"caching {name}") if cache else examples
     return out
-
-
-def _predict_all(result: Any, prepared: Prepared, shifted: dict[str, list], samples: int, seed: int,
-                 done: Optional[dict[str, Prediction]] = None) -> dict[str, Prediction]:
-    """Predictions of validation, test and the shift sets; those in ``done`` (same fit, same seed) are kept."""
-    parts = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
-    done = done or {}
-    return {name: done[name] if name in done else result.predict(data, num_samples=samples, seed=seed)
-            for name, data in parts.items()}
-
-
-def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction]) -> None:
-    """Probabilities first, the JSON last: a JSON on disk means the run finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, prediction in predictions.items():
-        tensors[f"{name}.sample_probs"] = prediction.sample_probs.contiguous()
-        tensors[f"{name}.labels"] = prediction.labels.contiguous()
-    save_file(tensors, str(path.with_suffix(".safetensors")))
-    record["metrics"] = {name: prediction.metrics() for name, prediction in predictions.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
 
 
 def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int,
@@ -179,28 +145,42 @@ def label(method: str, tag: Optional[str]) -> str:
     return f"{method}-{tag}" if tag else method
 
 
-def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Optional[str] = None) -> list[tuple[str, int]]:
-    """The (method, seed) runs of ``task`` still to do: MAP first, with extra MAP seeds for the ensembles."""
+def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Optional[str] = None,
+         peers: Optional[list[str]] = None, scoring: Optional[str] = None) -> list[tuple[str, int]]:
+    """The (method, seed) runs of ``task`` still to do: MAP first, with extra MAP seeds for the ensembles, then
+    the post-hoc peers still missing on MAP runs that finished earlier (fitted on their saved adapters)."""
     runs = [(m, s) for s in seeds for m in methods]
     if "delta" in methods and not tag:
         runs += [("delta", max(seeds) + i) for i in range(1, ENSEMBLE_SIZE)]
     todo = [(m, s) for m, s in runs if not run_path(out, task, label(m, tag), s).exists()]
-    return sorted(set(todo), key=lambda ms: (ms[0] != "delta", ms[1], ms[0]))
+    if "delta" in methods and not tag:
+        backlog = peer_backlog(out, task, seeds, scoring or SETTINGS[task].scoring, peers)
+        todo += [(name, seed) for seed, names in backlog.items() for name in names]
+    return sorted(set(todo), key=lambda ms: (ms[0] != "delta", ms[0] in PEERS, ms[1], ms[0]))
 
 
 def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
              overrides: dict[str, Any], tag: Optional[str] = None, peers: Optional[list[str]] = None) -> None:
-    """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once."""
+    """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once.
+
+    A ``todo`` entry naming a peer (``("tfb", 0)``) is fitted on the saved MAP adapter of that seed;
+    every new MAP run saves its adapter and gets its peers (``peers``; None: all) right away.
+    """
     if not todo:
-        _log(f"{task}: all runs finished")
+        log(f"{task}: all runs finished")
         return
     cfg = experiment_config(task, data_dir, device, overrides)
     start = time.perf_counter()
-    prepared = prepare(cfg, log=_log)
+    prepared = prepare(cfg, log=log)
     shifted = _shift_sets(cfg, prepared)
-    _log(f"{task}: prepared in {time.perf_counter() - start:.0f} s; {len(todo)} runs to do")
+    log(f"{task}: prepared in {time.perf_counter() - start:.0f} s; {len(todo)} runs to do")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods")}
-    for method, seed in todo:
+    trained = [(m, s) for m, s in todo if m not in PEERS]
+    backlog: dict[int, list[str]] = {}
+    for name, seed in todo:
+        if name in PEERS:
+            backlog.setdefault(seed, []).append(name)
+    for method, seed in trained:
         started = time.perf_counter()
         schedule = _schedule(cfg, prepared, method, seed)
         memory = PeakMemory(device)
@@ -209,7 +189,7 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
         seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
         finished = schedule is not None and schedule.records and schedule.records[-1]["step"] == cfg.num_steps
         # the last checkpoint is the finished fit, predicted with the same seed: not predicted twice
-        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed, schedule.last if finished else None)
+        predictions = predict_all(result, prepared, shifted, cfg.num_samples, seed, schedule.last if finished else None)
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
                   "peak_memory_mb": peak_mb, "memory_method": memory.method, "num_train": len(prepared.train),
                   "settings": settings, "overrides": overrides,
@@ -220,11 +200,14 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
             record["selected"] = {"step": schedule.selected_step,
                                   "metrics": {k: p.metrics() for k, p in schedule.selected.items()}}
         write_run(run_path(out, task, label(method, tag), seed), record, predictions)
-        _log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
+        log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {brief(predictions['test'])}")
         if method == "delta" and not tag:
-            # the peers sit on this MAP run's weights, so they are fitted now or never
-            _peer_runs(result, record, cfg, prepared, shifted, out, seed, peers)
+            result.save(adapter_path(out, task, seed))  # so that a peer added later needs no retraining
+            fit_peers(result, record, cfg, prepared, shifted, out, seed, peers)
+            backlog.pop(seed, None)
         remove_adapters(prepared.net)
+    for seed, names in sorted(backlog.items()):
+        fit_peers_from_saved(cfg, prepared, shifted, out, seed, names)
 
 
 def _diagnostics(result: Any, prepared: Prepared) -> Optional[dict[str, Any]]:
@@ -232,39 +215,6 @@ def _diagnostics(result: Any, prepared: Prepared) -> Optional[dict[str, Any]]:
     from pyro_blora.diagnostics import diagnose, supports
 
     return diagnose(result, list(prepared.validation)[:16]).to_dict() if supports(result) else None
-
-
-def _peer_runs(map_result: Any, map_record: dict[str, Any], cfg: ExperimentConfig, prepared: Prepared,
-               shifted: dict[str, list], out: Path, seed: int, names: Optional[list[str]]) -> None:
-    """Fit and score every post-hoc peer of this MAP run that applies to the task's scoring and is not done yet."""
-    for name in PEERS if names is None else names:
-        peer, path = PEERS[name], run_path(out, cfg.task, name, seed)
-        if cfg.scoring not in peer.scorings or path.exists():
-            continue
-        memory = PeakMemory(cfg.device)
-        memory.start()
-        started = time.perf_counter()
-        try:
-            result = peer.build(map_result, prepared, cfg.scoring)
-        except ImportError as err:
-            _log(f"{name} skipped: {err}")
-            continue
-        seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
-        predictions = _predict_all(result, prepared, shifted, cfg.num_samples, seed)
-        record = {"task": cfg.task, "method": name, "seed": seed, "train_seconds": seconds, "posthoc_of": "delta",
-                  "peak_memory_mb": peak_mb, "memory_method": memory.method,
-                  "cost_over_map": {"map_seconds": map_record["train_seconds"],
-                                    "map_peak_memory_mb": map_record["peak_memory_mb"]},
-                  "chosen": peer_summary(result), "num_train": len(prepared.train),
-                  "settings": map_record["settings"]}
-        write_run(path, record, predictions)
-        _log(f"{cfg.task} {name} seed {seed}: {seconds:.0f} s, test {_brief(predictions['test'])}")
-        map_result.use_posterior_mean()
-
-
-def _brief(prediction: Prediction) -> str:
-    m = prediction.metrics()
-    return f"acc {m['acc']:.3f} ece {m['ece']:.3f} nll {m['nll']:.3f}"
 
 
 def available_tasks(tasks: list[str], data_dir: Optional[str]) -> list[str]:
@@ -279,7 +229,7 @@ def available_tasks(tasks: list[str], data_dir: Optional[str]) -> list[str]:
         try:
             load_benchmark(task, data_dir=data_dir)
         except FileNotFoundError as err:
-            _log(f"skipping {task}: its data is not there ({str(err).splitlines()[0]})")
+            log(f"skipping {task}: its data is not there ({str(err).splitlines()[0]})")
             continue
         keep.append(task)
     return keep
@@ -298,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-report", action="store_true", help="run only; leave the table to a later call")
     parser.add_argument("--tag", default=None, help="store the runs as <method>-<tag> (a variant of the settings)")
     parser.add_argument("--only", nargs="*", default=None, metavar="METHOD:SEED",
-                        help="run exactly these runs of the (single) task (used by --workers)")
+                        help="run exactly these runs of the (single) task (used by --workers); a peer's name "
+                             "(laplace_lora:0) fits it on that seed's saved MAP adapter")
     parser.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
                         help=f"post-hoc peers fitted on each MAP run (default: all of {list(PEERS)})")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -325,11 +276,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = _overrides(args.set)
     if not args.summary_only:
         tasks = available_tasks(args.tasks, args.data_dir)
-        todo = {task: plan(task, args.methods, args.seeds, out, args.tag) for task in tasks}
+        todo = {task: plan(task, args.methods, args.seeds, out, args.tag, args.peers, overrides.get("scoring"))
+                for task in tasks}
         if args.only:
-            only = [(m, int(s)) for m, _, s in (r.partition(":") for r in args.only)]
+            only = _parse_only(args.only)
             todo = {task: [(m, s) for m, s in only if not run_path(out, task, label(m, args.tag), s).exists()]
                     for task in tasks}
+            _check_saved_maps(todo, out)
         if args.workers > 1:
             _run_workers(todo, args)
         else:
@@ -345,6 +298,26 @@ def main(argv: Optional[list[str]] = None) -> int:
                                "validation NLL", "ece_bins": 15, "seeds": args.seeds}
     write_report(out, seeds=args.seeds, ensemble_size=ENSEMBLE_SIZE, shift=SHIFT, protocol=protocol)
     return 0
+
+
+def _parse_only(entries: list[str]) -> list[tuple[str, int]]:
+    """``["flow:0", "tfb:1"]`` -> ``[("flow", 0), ("tfb", 1)]``; a malformed entry is a one-line error."""
+    out = []
+    for entry in entries:
+        method, sep, seed = entry.partition(":")
+        if not sep or not method or not seed.isdigit():
+            raise SystemExit(f"--only expects METHOD:SEED (e.g. flow:0), got {entry!r}")
+        out.append((method, int(seed)))
+    return out
+
+
+def _check_saved_maps(todo: dict[str, list[tuple[str, int]]], out: Path) -> None:
+    """Before any model loads: a peer asked for by ``--only`` needs its seed's finished, saved MAP run."""
+    for task, runs in todo.items():
+        for name, seed in runs:
+            if name in PEERS and ("delta", seed) not in runs and not adapter_path(out, task, seed).is_dir():
+                raise SystemExit(f"--only {name}:{seed}: no saved MAP adapter {adapter_path(out, task, seed)} "
+                                 f"(run delta:{seed} first, or list it in --only too)")
 
 
 def _run_workers(todo: dict[str, list[tuple[str, int]]], args: argparse.Namespace) -> None:

@@ -17,13 +17,23 @@ validation split only.
   precision by validation NLL on a grid;
 * ``tfb``: training-free Bayesianization (Shi et al., 2025), one isotropic sd on every
   LoRA ``A`` whose validation NLL stays within ``TFB_TOLERANCE`` of MAP's.
+
+The MAP run's adapter is saved next to its record, so a peer missing from an earlier
+invocation (interrupted, or added since) is fitted on the reloaded MAP weights
+(:func:`peer_backlog`, :func:`fit_peers_from_saved`) instead of retraining the MAP run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from typing import Any, Callable
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from calibration_io import adapter_path, brief, log, predict_all, run_path, write_run
+from common import PeakMemory
 
 LAPLACE_LORA_MODULES = ["q_proj", "v_proj"]
 """The ``lm_head`` LoRA is left at MAP: its ``B`` (49,152 x 8) needs a 49,152^2 K-FAC factor (9 GiB in fp32)."""
@@ -95,3 +105,65 @@ def peer_summary(result: Any) -> dict[str, Any]:
         if value is not None:
             out[attribute] = value
     return out
+
+
+def _applies(name: str, scoring: str) -> bool:
+    return scoring in PEERS[name].scorings
+
+
+def missing_peers(out: Path, task: str, seed: int, scoring: str, names: Optional[list[str]]) -> list[str]:
+    """The peers of ``names`` (None: all) that apply to ``scoring`` and have no finished run for ``seed``."""
+    return [n for n in (PEERS if names is None else names)
+            if _applies(n, scoring) and not run_path(out, task, n, seed).exists()]
+
+
+def peer_backlog(out: Path, task: str, seeds: list[int], scoring: str, names: Optional[list[str]]) -> dict[int, list[str]]:
+    """Per seed whose MAP run finished and saved its adapter: the peers still to fit on it."""
+    backlog = {}
+    for seed in seeds:
+        if not (run_path(out, task, "delta", seed).exists() and adapter_path(out, task, seed).is_dir()):
+            continue
+        todo = missing_peers(out, task, seed, scoring, names)
+        if todo:
+            backlog[seed] = todo
+    return backlog
+
+
+def fit_peers(map_result: Any, map_record: dict[str, Any], cfg: Any, prepared: Any, shifted: dict[str, list],
+              out: Path, seed: int, names: Optional[list[str]]) -> None:
+    """Fit and score every post-hoc peer of this MAP run that applies to the task's scoring and is not done yet."""
+    for name in missing_peers(out, cfg.task, seed, cfg.scoring, names):
+        memory = PeakMemory(cfg.device)
+        memory.start()
+        started = time.perf_counter()
+        try:
+            result = PEERS[name].build(map_result, prepared, cfg.scoring)
+        except ImportError as err:
+            log(f"{name} skipped: {err}")
+            continue
+        seconds, peak_mb = time.perf_counter() - started, memory.peak_mb()
+        predictions = predict_all(result, prepared, shifted, cfg.num_samples, seed)
+        record = {"task": cfg.task, "method": name, "seed": seed, "train_seconds": seconds, "posthoc_of": "delta",
+                  "peak_memory_mb": peak_mb, "memory_method": memory.method,
+                  "cost_over_map": {"map_seconds": map_record["train_seconds"],
+                                    "map_peak_memory_mb": map_record["peak_memory_mb"]},
+                  "chosen": peer_summary(result), "num_train": len(prepared.train),
+                  "settings": map_record["settings"]}
+        write_run(run_path(out, cfg.task, name, seed), record, predictions)
+        log(f"{cfg.task} {name} seed {seed}: {seconds:.0f} s, test {brief(predictions['test'])}")
+        map_result.use_posterior_mean()
+
+
+def fit_peers_from_saved(cfg: Any, prepared: Any, shifted: dict[str, list], out: Path, seed: int,
+                         names: list[str]) -> None:
+    """Reload the saved MAP adapter of ``seed`` into ``prepared.net`` and fit ``names`` on it; adapters removed after."""
+    from pyro_blora.api import load
+    from pyro_blora.inject import remove_adapters
+
+    map_record = json.loads(run_path(out, cfg.task, "delta", seed).read_text())
+    map_result = load(adapter_path(out, cfg.task, seed), prepared.net, task=prepared.task)
+    log(f"{cfg.task}: peers {names} of the saved MAP run, seed {seed}")
+    try:
+        fit_peers(map_result, map_record, cfg, prepared, shifted, out, seed, names)
+    finally:
+        remove_adapters(prepared.net)

@@ -87,15 +87,40 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert "all runs finished" in again.stderr
     assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
 
+    # a peer lost (or added later) is fitted on the saved MAP adapter: the MAP run is not retrained
+    assert (task_dir / "delta" / "seed0.adapter" / "adapter_config.json").is_file()
+    map_record = (task_dir / "delta" / "seed0.json").read_text()
+    tfb = json.loads((task_dir / "tfb" / "seed0.json").read_text())
+    (task_dir / "tfb" / "seed0.json").unlink()
+    redo = _run(common + ["--tasks", "drug_reviews_binary", "--no-report"])
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "peers ['tfb'] of the saved MAP run, seed 0" in redo.stderr and "delta seed" not in redo.stderr
+    assert (task_dir / "delta" / "seed0.json").read_text() == map_record
+    refit = json.loads((task_dir / "tfb" / "seed0.json").read_text())
+    assert refit["chosen"]["sigma"] == tfb["chosen"]["sigma"]  # the same MAP weights, the same search
+    assert refit["metrics"]["test"] == tfb["metrics"]["test"]
+
+
+@pytest.mark.parametrize("only, message", [
+    (["flow"], "--only expects METHOD:SEED (e.g. flow:0), got 'flow'"),
+    (["tfb:5"], "--only tfb:5: no saved MAP adapter"),
+])
+def test_only_names_a_bad_run_before_any_model_loads(tmp_path, only, message):
+    result = _run(["--tasks", "drug_reviews_binary", "--output", str(tmp_path), "--only", *only])
+    assert result.returncode != 0 and message in result.stderr
+    assert "prepared in" not in result.stderr and not any(tmp_path.iterdir())
+
 
 def test_last_block_modules_takes_the_highest_numbered_block(monkeypatch):
     import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("calibration_peers", ROOT / "benchmarks" / "calibration_peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "calibration_peers", peers)  # its dataclass looks its module up
-    spec.loader.exec_module(peers)
+    for name in ("common", "calibration_io", "calibration_peers"):  # by path: benchmarks/ never goes on sys.path
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # imported by the next, and its dataclass looks it up
+        spec.loader.exec_module(module)
+    peers = sys.modules["calibration_peers"]
     names = ["layers.1.self_attn.q_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj",
              "layers.9.self_attn.v_proj", "lm_head"]
     fit = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name=n) for n in names]))

@@ -1,0 +1,61 @@
+"""Where the calibration runner keeps its runs, and how one run is written and predicted.
+
+A run is ``<output>/<task>/<method>/seed<k>.json`` (metrics and settings) next to
+``seed<k>.safetensors`` (per-sample class probabilities of every scored split); a
+MAP run also keeps its adapter in ``seed<k>.adapter/`` so that post-hoc peers can be
+fitted on it later, in another process, without retraining it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from safetensors.torch import save_file
+
+from pyro_blora.result import Prediction
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_path(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / task / method / f"seed{seed}.json"
+
+
+def adapter_path(out: Path, task: str, seed: int) -> Path:
+    """The saved MAP adapter of ``seed`` (what the post-hoc peers are fitted on)."""
+    return out / task / "delta" / f"seed{seed}.adapter"
+
+
+def predict_all(result: Any, prepared: Any, shifted: dict[str, list], samples: int, seed: int,
+                done: Optional[dict[str, Prediction]] = None) -> dict[str, Prediction]:
+    """Predictions of validation, test and the shift sets; those in ``done`` (same fit, same seed) are kept."""
+    parts = {"validation": prepared.validation, "test": prepared.test, **{f"shift.{k}": v for k, v in shifted.items()}}
+    done = done or {}
+    return {name: done[name] if name in done else result.predict(data, num_samples=samples, seed=seed)
+            for name, data in parts.items()}
+
+
+def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction]) -> None:
+    """Probabilities first, the JSON last: a JSON on disk means the run finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, prediction in predictions.items():
+        tensors[f"{name}.sample_probs"] = prediction.sample_probs.contiguous()
+        tensors[f"{name}.labels"] = prediction.labels.contiguous()
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    record["metrics"] = {name: prediction.metrics() for name, prediction in predictions.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def brief(prediction: Prediction) -> str:
+    m = prediction.metrics()
+    return f"acc {m['acc']:.3f} ece {m['ece']:.3f} nll {m['nll']:.3f}"
