@@ -138,3 +138,15 @@ def test_val_nll_tuning_and_bad_options(fitted) -> None:
         laplace_lora_from_map(result.map_result, mc_data(4), prior_method="val_nll")
     with pytest.raises(ValueError, match=r"K-FAC factors would take .* GiB \(> max_kfac_gib = 1e-06\)"):
         laplace_lora_from_map(result.map_result, mc_data(4), prior_precision=1.0, max_kfac_gib=1e-6)
+
+
+def test_jacobians_one_example_at_a_time_equal_the_batched_ones(fitted) -> None:
+    """The default (JACOBIAN_BATCH = 1) is only faster: variances and probit predictions equal a batch of 4's."""
+    from pyro_blora.baselines.laplace.lora_posterior import JACOBIAN_BATCH
+
+    result, _, _ = fitted
+    test = mc_data(5, offset=20)
+    assert JACOBIAN_BATCH == 1
+    torch.testing.assert_close(result.functional_variance(test), result.functional_variance(test, batch_size=4),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.predict(test).probs, result.predict(test, batch_size=4).probs, rtol=1e-5, atol=1e-7)
