@@ -103,10 +103,11 @@ drug reviews, seed 0: kl_weight 1 left flow at the class prior, val ACC 0.709 ag
 without a KL, MAP among them, are unaffected)."""
 
 
-def experiment_config(task: str, data_dir: Optional[str], device: str, overrides: dict[str, Any]) -> ExperimentConfig:
+def experiment_config(task: str, data_dir: Optional[str], device: str, overrides: dict[str, Any],
+                      activation_cache: Optional[str] = None) -> ExperimentConfig:
     """The :class:`ExperimentConfig` of ``task`` (data seed 0; the training seed varies per run)."""
     setting = SETTINGS[task]
-    values = {**COMMON, **dataclasses.asdict(setting), **overrides}
+    values = {**COMMON, **dataclasses.asdict(setting), "activation_cache": activation_cache, **overrides}
     return ExperimentConfig(task=task, methods=["delta"], seed=0, data_dir=data_dir, device=device, **values)
 
 
@@ -118,8 +119,7 @@ def _shift_sets(cfg: ExperimentConfig, prepared: Prepared) -> dict[str, list]:
     for name in SHIFT.get(cfg.task, []):
         splits = subsample(load_benchmark(name, data_dir=cfg.data_dir, seed=0), test=cfg.test_size, seed=0)
         examples = [e for e in splits.test if len(e["choices"]) <= prepared.splits.num_classes]
-        cache = getattr(prepared.task, "cache", None)
-        out[name] = cache(examples, desc=f"caching {name}") if cache else examples
+        out[name] = prepared.cache(prepared.task, examples, f"caching {name}") if prepared.cache else examples
     return out
 
 
@@ -160,7 +160,8 @@ def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Option
 
 
 def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
-             overrides: dict[str, Any], tag: Optional[str] = None, peers: Optional[list[str]] = None) -> None:
+             overrides: dict[str, Any], tag: Optional[str] = None, peers: Optional[list[str]] = None,
+             activation_cache: Optional[str] = None) -> None:
     """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once.
 
     A ``todo`` entry naming a peer (``("tfb", 0)``) is fitted on the saved MAP adapter of that seed;
@@ -169,12 +170,12 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
     if not todo:
         log(f"{task}: all runs finished")
         return
-    cfg = experiment_config(task, data_dir, device, overrides)
+    cfg = experiment_config(task, data_dir, device, overrides, activation_cache)
     start = time.perf_counter()
     prepared = prepare(cfg, log=log)
     shifted = _shift_sets(cfg, prepared)
     log(f"{task}: prepared in {time.perf_counter() - start:.0f} s; {len(todo)} runs to do")
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "methods", "activation_cache")}
     trained = [(m, s) for m, s in todo if m not in PEERS]
     backlog: dict[int, list[str]] = {}
     for name, seed in todo:
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(laplace_lora:0) fits it on that seed's saved MAP adapter")
     parser.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
                         help=f"post-hoc peers fitted on each MAP run (default: all of {list(PEERS)})")
+    parser.add_argument("--activation-cache", default=None, metavar="DIR",
+                        help="where the frozen blocks' activations are kept between invocations "
+                             "(default <output>/activation_cache; 'none': recomputed each time)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override an ExperimentConfig field for every task (JSON values), e.g. epochs=1")
     return parser
@@ -287,7 +291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _run_workers(todo, args)
         else:
             for task, runs in todo.items():
-                run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag, args.peers)
+                run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag, args.peers,
+                         None if args.activation_cache == "none" else args.activation_cache or str(out / "activation_cache"))
     if args.no_report:
         return 0
     from calibration_report import write_report

@@ -37,6 +37,7 @@ from pyro_blora.inject import remove_adapters
 from pyro_blora.io import ensure_writable
 from pyro_blora.tasks import AnswerTokenTask, ChoiceLikelihoodTask, DatasetSplits, load_benchmark, load_drug_reviews, subsample
 from pyro_blora.tasks.cached import cached_task, split_decoder
+from pyro_blora.tasks.activation_store import ActivationStore, store_cache
 from pyro_blora.tasks.datasets import load_classification
 from pyro_blora.experiments.method_setup import method_setup
 from pyro_blora.experiments.record import check_adapter_folder, check_classes, write_record
@@ -70,6 +71,8 @@ class Prepared:
     test: list
     shifted: list
     template: Optional[str] = None
+    cache: Optional[Callable[[Any, Sequence[Any], str], list]] = None
+    """``cache(task, examples, desc)``: how more examples are cached like these (None: the task is not cached)."""
 
 
 def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
@@ -157,8 +160,9 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None] = _log, parts: Seq
         log(f"no activation cache: {err}")
         return Prepared(model, task, splits, *data.values(), template=template)
     cached = cached_task(task, bottom)
-    cached_parts = [cached.cache(part, desc=f"caching {name}") if part else [] for name, part in data.items()]
-    return Prepared(top, cached, splits, *cached_parts, template=template)
+    cache = store_cache(ActivationStore(cfg.activation_cache, log) if cfg.activation_cache else None)
+    cached_parts = [cache(cached, part, f"caching {name}") if part else [] for name, part in data.items()]
+    return Prepared(top, cached, splits, *cached_parts, template=template, cache=cache)
 
 
 def _top_block_targets(net: torch.nn.Module, names: list[str], blocks: Optional[int]) -> list[str]:

@@ -204,6 +204,8 @@ class ExperimentConfig:
                                           "(default <output>/checkpoint).")
     resume: Optional[str] = _help("Continue an interrupted run from its checkpoint folder (what Ctrl-C printed).")
     device: str = _help("Where the model runs: cpu, cuda, cuda:1, mps.", "cpu")
+    activation_cache: Optional[str] = _help("Folder that keeps the frozen blocks' cached activations between runs, "
+                                            "keyed by model, task and examples (none: recomputed in every run).")
 
     def __post_init__(self) -> None:
         _check_types(self)

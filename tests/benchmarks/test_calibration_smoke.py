@@ -95,6 +95,8 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     redo = _run(common + ["--tasks", "drug_reviews_binary", "--no-report"])
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "peers ['tfb'] of the saved MAP run, seed 0" in redo.stderr and "delta seed" not in redo.stderr
+    assert "caching train: 12 records read back from" in redo.stderr  # the frozen blocks did not run again
+    assert "caching train: 12 records stored in" in first.stderr
     assert (task_dir / "delta" / "seed0.json").read_text() == map_record
     refit = json.loads((task_dir / "tfb" / "seed0.json").read_text())
     assert refit["chosen"]["sigma"] == tfb["chosen"]["sigma"]  # the same MAP weights, the same search

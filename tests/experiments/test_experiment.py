@@ -137,3 +137,24 @@ def test_point_estimate_methods_get_the_map_layout_and_the_others_the_bayesian_o
 
     with pytest.raises(ValueError, match="unknown preset 'best'"):
         ExperimentConfig(preset="best")
+
+
+def test_prepare_with_an_activation_cache_reads_back_the_same_records(prepared, tiny_llama, smollm2_tokenizer,
+                                                                     monkeypatch, tmp_path) -> None:
+    from pyro_blora.experiments import pipeline, zoo
+
+    monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: (tiny_llama, smollm2_tokenizer))
+    cfg = ExperimentConfig(methods=["delta"], trainable_layers=1, activation_cache=str(tmp_path / "store"))
+    logs: list[str] = []
+    first = pipeline.prepare(cfg, log=logs.append, splits=prepared.splits)
+    # validation and test hold the same reviews here: one file, computed once
+    assert [line.split(":")[0] for line in logs if "stored in" in line] == ["caching train", "caching validation",
+                                                                           "caching shifted"]
+    logs.clear()
+    second = pipeline.prepare(cfg, log=logs.append, splits=prepared.splits)
+    assert sum("read back from" in line for line in logs) == 4 and not any("stored in" in line for line in logs)
+    for name in ("train", "validation", "test", "shifted"):
+        for a, b in zip(getattr(first, name), getattr(second, name), strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    extra = second.cache(second.task, REVIEWS[:1], "caching extra")  # more examples go through the same store
+    assert len(extra) == 1 and "caching extra: 1 records stored in" in logs[-1]
