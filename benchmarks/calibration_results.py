@@ -106,3 +106,56 @@ def trajectory_figure(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: Iterable[str],
+                  note: Optional[str] = None) -> dict[str, Any]:
+    """``committed`` with the rows and protocol of ``tasks`` taken from ``new`` (another invocation's document).
+
+    The other tasks keep their rows; ``protocol.partial[task]`` records a task whose rows average fewer
+    seeds than the protocol's (which rows, ``note``), and is dropped once a task is complete;
+    ``protocol.commits[task]`` is the commit that produced a task's rows.
+    """
+    out = json.loads(json.dumps(committed))
+    protocol = out.setdefault("protocol", {})
+    for task in tasks:
+        if task not in new.get("tasks", {}):
+            raise ValueError(f"{task!r} has no rows in the new results (tasks there: {sorted(new.get('tasks', {}))})")
+        rows = new["tasks"][task]
+        out.setdefault("tasks", {})[task] = rows
+        protocol.setdefault("tasks", {})[task] = new.get("protocol", {}).get("tasks", {}).get(task)
+        protocol.setdefault("commits", {})[task] = new.get("commit")
+        wanted = len(protocol.get("seeds", [0, 1, 2]))
+        short = {method: row["seeds"] for method, row in rows.items() if row["seeds"] < wanted}
+        partial = protocol.setdefault("partial", {})
+        if short:
+            partial[task] = {"rows_with_fewer_seeds": short, "commit": new.get("commit"), "why": note}
+        else:
+            partial.pop(task, None)
+    out["commit"] = new.get("commit", out.get("commit"))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge one invocation's calibration.json into the committed one.")
+    parser.add_argument("new", type=Path, help="<output>/calibration.json of the runner")
+    parser.add_argument("--into", type=Path, default=Path(__file__).parents[1] / "docs" / "results" / "calibration.json")
+    parser.add_argument("--tasks", nargs="+", required=True, help="tasks whose rows the new file replaces")
+    parser.add_argument("--note", default=None, help="why a task is partial (kept in protocol.partial)")
+    args = parser.parse_args(argv)
+    for path in (args.new, args.into):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found")
+    try:
+        merged = merge_results(json.loads(args.new.read_text()), json.loads(args.into.read_text()), args.tasks, args.note)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    write_results(merged, args.into)
+    print(f"{args.into}: rows of {args.tasks} from {args.new}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,15 +114,9 @@ def test_only_names_a_bad_run_before_any_model_loads(tmp_path, only, message):
 
 
 def test_last_block_modules_takes_the_highest_numbered_block(monkeypatch):
-    import importlib.util
     from types import SimpleNamespace
 
-    for name in ("common", "calibration_io", "calibration_peers"):  # by path: benchmarks/ never goes on sys.path
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, module)  # imported by the next, and its dataclass looks it up
-        spec.loader.exec_module(module)
-    peers = sys.modules["calibration_peers"]
+    peers = _load_by_path(monkeypatch, "common", "calibration_io", "calibration_peers")
     names = ["layers.1.self_attn.q_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj",
              "layers.9.self_attn.v_proj", "lm_head"]
     fit = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name=n) for n in names]))
@@ -130,3 +124,31 @@ def test_last_block_modules_takes_the_highest_numbered_block(monkeypatch):
     only_head = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(layer_name="lm_head")]))
     with pytest.raises(ValueError, match="no adapted layer sits in a numbered block"):
         peers.last_block_modules(only_head)
+
+
+def test_merge_replaces_only_the_given_tasks_and_marks_partial_ones(monkeypatch):
+    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    row = lambda n: {"acc": {"mean": 0.5, "sd": 0.0}, "seeds": n}  # noqa: E731
+    committed = {"commit": "old", "protocol": {"seeds": [0, 1, 2], "tasks": {"a": {"x": 1}}},
+                 "tasks": {"a": {"delta": row(3)}, "b": {"delta": row(1)}}}
+    new = {"commit": "new", "protocol": {"tasks": {"b": {"x": 2}}}, "tasks": {"b": {"delta": row(3), "flow": row(1)}}}
+    merged = module.merge_results(new, committed, ["b"], note="flow seed 0 only")
+    assert merged["tasks"]["a"] == committed["tasks"]["a"] and merged["tasks"]["b"] == new["tasks"]["b"]
+    assert merged["protocol"]["tasks"] == {"a": {"x": 1}, "b": {"x": 2}} and merged["protocol"]["commits"] == {"b": "new"}
+    assert merged["protocol"]["partial"]["b"] == {"rows_with_fewer_seeds": {"flow": 1}, "commit": "new", "why": "flow seed 0 only"}
+    complete = module.merge_results({"commit": "n2", "tasks": {"b": {"delta": row(3)}}}, merged, ["b"])
+    assert "b" not in complete["protocol"]["partial"]
+    with pytest.raises(ValueError, match="'c' has no rows in the new results"):
+        module.merge_results(new, committed, ["c"])
+
+
+def _load_by_path(monkeypatch, *names: str):
+    """Import benchmarks/<name>.py by path, in order (each may import the ones before); the last module."""
+    import importlib.util
+
+    for name in names:  # benchmarks/ never goes on sys.path
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # imported by the next, and a dataclass looks it up
+        spec.loader.exec_module(module)
+    return module
