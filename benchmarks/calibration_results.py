@@ -109,10 +109,11 @@ def trajectory_figure(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, 
 
 
 def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: Iterable[str],
-                  note: Optional[str] = None) -> dict[str, Any]:
+                  note: Optional[str] = None, methods: Optional[Iterable[str]] = None) -> dict[str, Any]:
     """``committed`` with the rows and protocol of ``tasks`` taken from ``new`` (another invocation's document).
 
-    The other tasks keep their rows; ``protocol.partial[task]`` records a task whose rows average fewer
+    ``methods`` (row names, e.g. ``mc_dropout``, ``flow+temperature``, ``flow@val``) replaces only those rows
+    of each task and keeps the others; None replaces a task's rows as a whole. The other tasks keep their rows; ``protocol.partial[task]`` records a task whose rows average fewer
     seeds than the protocol's (which rows, ``note``), and is dropped once a task is complete;
     ``protocol.commits[task]`` is the commit that produced a task's rows.
     """
@@ -121,10 +122,18 @@ def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: I
     for task in tasks:
         if task not in new.get("tasks", {}):
             raise ValueError(f"{task!r} has no rows in the new results (tasks there: {sorted(new.get('tasks', {}))})")
-        rows = new["tasks"][task]
+        rows = dict(new["tasks"][task])
+        if methods is not None:
+            missing = [m for m in methods if m not in rows]
+            if missing:
+                raise ValueError(f"{task}: no rows {missing} in the new results (rows there: {sorted(rows)})")
+            rows = {**out.get("tasks", {}).get(task, {}), **{m: rows[m] for m in methods}}
+            protocol.setdefault("commits", {})[task] = {**_as_dict(protocol.get("commits", {}).get(task)),
+                                                        **{m: new.get("commit") for m in methods}}
+        else:
+            protocol.setdefault("tasks", {})[task] = new.get("protocol", {}).get("tasks", {}).get(task)
+            protocol.setdefault("commits", {})[task] = new.get("commit")
         out.setdefault("tasks", {})[task] = rows
-        protocol.setdefault("tasks", {})[task] = new.get("protocol", {}).get("tasks", {}).get(task)
-        protocol.setdefault("commits", {})[task] = new.get("commit")
         wanted = len(protocol.get("seeds", [0, 1, 2]))
         short = {method: row["seeds"] for method, row in rows.items() if row["seeds"] < wanted}
         partial = protocol.setdefault("partial", {})
@@ -136,6 +145,11 @@ def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: I
     return out
 
 
+def _as_dict(commit: Any) -> dict[str, Any]:
+    """A task's commits as ``{row: commit}`` (a single commit for the whole task becomes ``{"*": commit}``)."""
+    return dict(commit) if isinstance(commit, Mapping) else ({} if commit is None else {"*": commit})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
@@ -143,13 +157,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("new", type=Path, help="<output>/calibration.json of the runner")
     parser.add_argument("--into", type=Path, default=Path(__file__).parents[1] / "docs" / "results" / "calibration.json")
     parser.add_argument("--tasks", nargs="+", required=True, help="tasks whose rows the new file replaces")
+    parser.add_argument("--methods", nargs="+", default=None, help="replace only these rows (default: the whole task)")
     parser.add_argument("--note", default=None, help="why a task is partial (kept in protocol.partial)")
     args = parser.parse_args(argv)
     for path in (args.new, args.into):
         if not path.is_file():
             raise SystemExit(f"{path} not found")
     try:
-        merged = merge_results(json.loads(args.new.read_text()), json.loads(args.into.read_text()), args.tasks, args.note)
+        merged = merge_results(json.loads(args.new.read_text()), json.loads(args.into.read_text()), args.tasks, args.note,
+                               args.methods)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     write_results(merged, args.into)

@@ -140,6 +140,13 @@ def test_merge_replaces_only_the_given_tasks_and_marks_partial_ones(monkeypatch)
     assert "b" not in complete["protocol"]["partial"]
     with pytest.raises(ValueError, match="'c' has no rows in the new results"):
         module.merge_results(new, committed, ["c"])
+    # rows only: the task's other rows and its protocol stay
+    rows_only = module.merge_results({"commit": "n3", "tasks": {"a": {"mc_dropout": row(3), "delta": row(1)}}}, committed,
+                                     ["a"], methods=["mc_dropout"])
+    assert rows_only["tasks"]["a"] == {"delta": row(3), "mc_dropout": row(3)}
+    assert rows_only["protocol"]["tasks"]["a"] == {"x": 1} and rows_only["protocol"]["commits"]["a"] == {"mc_dropout": "n3"}
+    with pytest.raises(ValueError, match=r"a: no rows \['blob'\]"):
+        module.merge_results({"tasks": {"a": {"delta": row(3)}}}, committed, ["a"], methods=["blob"])
 
 
 def _load_by_path(monkeypatch, *names: str):
