@@ -161,11 +161,12 @@ def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Option
 
 def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Optional[str], device: str,
              overrides: dict[str, Any], tag: Optional[str] = None, peers: Optional[list[str]] = None,
-             activation_cache: Optional[str] = None) -> None:
+             activation_cache: Optional[str] = None, peer_seeds: Optional[list[int]] = None) -> None:
     """Fit the ``todo`` runs of ``task``; the model and the activation cache are built once.
 
     A ``todo`` entry naming a peer (``("tfb", 0)``) is fitted on the saved MAP adapter of that seed;
-    every new MAP run saves its adapter and gets its peers (``peers``; None: all) right away.
+    every new MAP run saves its adapter and, when its seed is in ``peer_seeds`` (None: any; the extra
+    MAP seeds of the ensembles are not), gets its peers (``peers``; None: all) right away.
     """
     if not todo:
         log(f"{task}: all runs finished")
@@ -204,7 +205,8 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
         log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {brief(predictions['test'])}")
         if method == "delta" and not tag:
             result.save(adapter_path(out, task, seed))  # so that a peer added later needs no retraining
-            fit_peers(result, record, cfg, prepared, shifted, out, seed, peers)
+            if peer_seeds is None or seed in peer_seeds or seed in backlog:
+                fit_peers(result, record, cfg, prepared, shifted, out, seed, peers)
             backlog.pop(seed, None)
         remove_adapters(prepared.net)
     for seed, names in sorted(backlog.items()):
@@ -292,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             for task, runs in todo.items():
                 run_task(task, runs, out, args.data_dir, args.device, overrides, args.tag, args.peers,
-                         None if args.activation_cache == "none" else args.activation_cache or str(out / "activation_cache"))
+                         None if args.activation_cache == "none" else args.activation_cache or str(out / "activation_cache"),
+                         peer_seeds=args.seeds)
     if args.no_report:
         return 0
     from calibration_report import write_report

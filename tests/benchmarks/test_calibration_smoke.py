@@ -39,7 +39,8 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     task_dir = tmp_path / "drug_reviews_binary"
     assert sorted(p.name for p in (task_dir / "delta").glob("*.json")) == ["seed0.json", "seed1.json", "seed2.json"]
     assert (task_dir / "flow" / "seed0.safetensors").exists()
-    for peer in ("laplace_last_layer", "laplace_lora", "laplace_lora_val", "tfb"):  # fitted on each MAP run
+    assert not (task_dir / "tfb" / "seed1.json").exists()  # MAP seeds 1-2 serve the ensemble only: no peers on them
+    for peer in ("laplace_last_layer", "laplace_lora", "laplace_lora_val", "tfb"):  # fitted on each MAP run of --seeds
         peer_record = json.loads((task_dir / peer / "seed0.json").read_text())
         assert peer_record["cost_over_map"]["map_seconds"] > 0 and peer_record["peak_memory_mb"] >= 0
         assert 0.0 <= peer_record["metrics"]["test"]["ece"] <= 1.0
