@@ -113,8 +113,9 @@ def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: I
     """``committed`` with the rows and protocol of ``tasks`` taken from ``new`` (another invocation's document).
 
     ``methods`` (row names, e.g. ``mc_dropout``, ``flow+temperature``, ``flow@val``) replaces only those rows
-    of each task and keeps the others; None replaces a task's rows as a whole. The other tasks keep their rows; ``protocol.partial[task]`` records a task whose rows average fewer
-    seeds than the protocol's (which rows, ``note``), and is dropped once a task is complete;
+    of each task and keeps the others; None replaces a task's rows as a whole. The other tasks keep their
+    rows; ``protocol.partial[task]`` records a task whose rows average fewer seeds than the protocol's
+    (which rows, ``note``), and is dropped once a task is complete;
     ``protocol.commits[task]`` is the commit that produced a task's rows.
     """
     out = json.loads(json.dumps(committed))

@@ -17,7 +17,7 @@ gives another key and a fresh computation:
 
 Records are nested dicts and lists with tensor leaves (what ``task.cache``
 returns); they round-trip exactly (tested). A file is written to a temporary name
-and renamed, so an interrupted write leaves no half file under the key's name.
+and renamed (:func:`pyro_blora.io.atomic_write`), so an interrupted write leaves no half file under the key's name.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from pyro_blora.io import atomic_write
 
 __all__ = ["ActivationStore", "activation_key", "load_records", "save_records", "store_cache"]
 
@@ -103,22 +105,16 @@ def save_records(path: Path, records: Sequence[Any]) -> None:
     tensors: dict[str, Tensor] = {}
     layout = [_flatten(record, str(i), tensors) for i, record in enumerate(records)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": str(_FORMAT), "layout": json.dumps(layout)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    metadata = {"format": str(_FORMAT), "layout": json.dumps(layout)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_records(path: Path) -> list[Any]:
     """The records :func:`save_records` wrote; a clear error for a truncated or foreign file."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one read: the layout and the tensors
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} could not be read as stored activations (truncated or corrupted? delete it): {err}") from err
     if metadata.get("format") != str(_FORMAT) or "layout" not in metadata:
