@@ -98,7 +98,8 @@ def run_timing(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples: list, samples: list[int],
                      repeats: int, device: str) -> dict[str, Any]:
-    """One no-grad forward of the peft model vs ``predict(num_samples=N)`` (default, stacked, one forward per draw), in turn."""
+    """One no-grad forward of the peft model vs ``predict(num_samples=N)`` (default, stacked, one forward per draw,
+    default without merging the draws), in turn."""
     import torch
 
     import common
@@ -117,6 +118,8 @@ def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples
             for mode, stack in (("default", None), ("stacked", True), ("loop", False)):
                 jobs[f"{method}/{n}/{mode}"] = (lambda r=result, n=n, stack=stack: r.predict(
                     examples, num_samples=n, batch_size=len(examples), stack_samples=stack))
+            # the default without merging each draw into W0 (models/merging.py): what the merge saves
+            jobs[f"{method}/{n}/unmerged"] = lambda r=result, n=n: _predict_unmerged(r, examples, n)
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in jobs}
     for job in jobs.values():
         job()  # warm-up
@@ -129,6 +132,16 @@ def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples
             times[name]["wall"].append(time.perf_counter() - t0)
             times[name]["cpu"].append(time.thread_time() - c0)
     return times
+
+
+def _predict_unmerged(result: Any, examples: list, num_samples: int) -> Any:
+    from pyro_blora.models import BayesianLoRALinear
+
+    BayesianLoRALinear.merge_for_inference = False
+    try:
+        return result.predict(examples, num_samples=num_samples, batch_size=len(examples))
+    finally:
+        BayesianLoRALinear.merge_for_inference = True
 
 
 def run_memory(spec: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .batched import take_rows
 from .conditional import InducingConditional, batch_conditionals
+from .merging import MergedWeight, can_merge_into, merge_pays
 from .priors import InducingPrior, build_prior, inducing_matrices
 
 if TYPE_CHECKING:
@@ -196,6 +197,8 @@ class BayesianLoRALinear(nn.Module):
             self.lora_B_weight = nn.Parameter(torch.zeros(self.out_features, config.r, **kw))
         self.base = base
         self._sampled: tuple[Tensor, Tensor] | None = None
+        self._merged = MergedWeight()
+        self._mergeable = can_merge_into(base, kw["dtype"])
 
     @property
     def factors(self) -> list[InducingFactor]:
@@ -216,6 +219,7 @@ class BayesianLoRALinear(nn.Module):
                 f"A ({self.r}, {self.in_features}) and B ({self.out_features}, {self.r})"
             )
         self._sampled = (a, b)
+        self._merged.clear()
 
     def set_draws(self, weights: Mapping[str, Tensor]) -> None:
         """Fix this layer's factors from joint draws keyed by Pyro site name (``*.W``).
@@ -229,6 +233,7 @@ class BayesianLoRALinear(nn.Module):
 
     def clear_adapter_weights(self) -> None:
         self._sampled = None
+        self._merged.clear()
 
     def prior_gain(self) -> Tensor | float:
         """``g``, the empirical-Bayes gain of the prior's output scale (1.0 for ``prior_scale="fixed"``)."""
@@ -259,9 +264,26 @@ class BayesianLoRALinear(nn.Module):
             "pyro_blora (FitResult.predict, BayesianLoRAModel), or call FitResult.use_posterior_mean()"
         )
 
+    #: Merge a fixed draw into ``W0`` for no-grad forwards where that is exact and cheaper
+    #: (:mod:`pyro_blora.models.merging`); research code may set it False on a layer or the class.
+    merge_for_inference: bool = True
+
+    def _merges(self, x: Tensor, a: Tensor) -> bool:
+        return (
+            self.merge_for_inference and self._mergeable and a.dim() == 2 and not torch.is_grad_enabled()
+            and not (self.dropout.training and isinstance(self.dropout, nn.Dropout))
+            and type(self)._project is BayesianLoRALinear._project
+            and merge_pays(x.numel() // self.in_features, self.in_features, self.out_features)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         a, b = self.adapter_weights()
+        if self._merges(x, a):
+            log_gain = getattr(self, "lora_prior_log_gain", None)
+            weight = self._merged.weight(self.base.weight, a, b, self.scaling, log_gain)
+            return nn.functional.linear(x, weight, self.base.bias)
+        self._merged.clear()  # a training step holds no merged copy
+        out = self.base(x)
         h = self.dropout(x).to(a.dtype)
         if a.dim() == 2:
             delta = self._project(h, a) @ b.T

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_blora.metrics import uncertainty_decomposition
+from pyro_blora.models.merging import adapter_path
 from pyro_blora.result import make_loader
 
 __all__ = ["Diagnostics", "Flag", "Row", "diagnose", "supports"]
@@ -224,7 +225,8 @@ def _layer_passes(result: Any, batch: dict[str, Any], weights: dict[str, Tensor]
     net.eval()
     try:
         result.model.set_adapter_weights(weights)
-        result.task.class_logits(net, _repeat(batch, samples))
+        with adapter_path(_layers(result)):  # the base's own output is hooked: no merged forward
+            result.task.class_logits(net, _repeat(batch, samples))
     finally:
         net.train(was_training)
         for handle in handles:
