@@ -9,7 +9,8 @@ with METHOD the registry's names, post-hoc rows as ``delta+temperature`` / ``flo
 validation-selected checkpoint of a trained method as ``METHOD@val`` (test metrics of the checkpoint with
 the lowest validation NLL). Fractions, not percents; the last checkpoint of the long protocol otherwise.
 The post-hoc peers (``laplace_last_layer``, ``laplace_lora``, ``laplace_lora_val``, ``tfb``) add ``cost``:
-seconds and peak memory of their own step, and those of the MAP run they sit on.
+seconds and peak memory of their own step, and those of the MAP run they sit on. Every row keeps
+``per_seed`` (each seed's values), so a later invocation's seeds can be pooled in (``--pool``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,27 @@ def _stat(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "sd": sd}
 
 
-def _row(metric_sets: list[Mapping[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {key: _stat([m.get(name, math.nan) for m in metric_sets]) for key, name in METRICS.items()}
-    row["seeds"] = len(metric_sets)
+COSTS = ("seconds", "peak_memory_mb", "map_seconds", "map_peak_memory_mb")
+
+
+def _seed_values(metrics: Mapping[str, Any], record: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """One seed's entry of a row's ``per_seed``: its metrics and, for a post-hoc peer's ``record``, its cost."""
+    values: dict[str, Any] = {key: metrics.get(name, math.nan) for key, name in METRICS.items()}
+    if record is not None and "cost_over_map" in record:
+        values["cost"] = {"seconds": record["train_seconds"], "peak_memory_mb": record["peak_memory_mb"],
+                          "map_seconds": record["cost_over_map"]["map_seconds"],
+                          "map_peak_memory_mb": record["cost_over_map"]["map_peak_memory_mb"]}
+    return values
+
+
+def row_from_seeds(per_seed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A row (mean and sd of every metric over its seeds, ``seeds``, a peer's ``cost``) with ``per_seed`` kept."""
+    entries = [per_seed[k] for k in sorted(per_seed, key=int)]
+    row: dict[str, Any] = {key: _stat([e.get(key, math.nan) for e in entries]) for key in METRICS}
+    row["seeds"] = len(entries)
+    if entries and all("cost" in e for e in entries):  # a post-hoc peer: its own cost on top of the MAP run
+        row["cost"] = {key: _stat([e["cost"][key] for e in entries]) for key in COSTS}
+    row["per_seed"] = {k: dict(per_seed[k]) for k in sorted(per_seed, key=int)}
     return row
 
 
@@ -48,21 +67,26 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
     for task, methods in runs.items():
         rows: dict[str, Any] = {}
         for method, by_seed in methods.items():
-            chosen = [r for s, r in by_seed.items() if s in seeds and split in r["metrics"]]
+            chosen = {str(s): _seed_values(r["metrics"][split], r) for s, r in by_seed.items()
+                      if s in seeds and split in r["metrics"]}
             if chosen:
-                row = _row([r["metrics"][split] for r in chosen])
-                if all("cost_over_map" in r for r in chosen):  # a post-hoc peer: its own cost on top of the MAP run
-                    row["cost"] = {"seconds": _stat([r["train_seconds"] for r in chosen]),
-                                   "peak_memory_mb": _stat([r["peak_memory_mb"] for r in chosen]),
-                                   "map_seconds": _stat([r["cost_over_map"]["map_seconds"] for r in chosen]),
-                                   "map_peak_memory_mb": _stat([r["cost_over_map"]["map_peak_memory_mb"] for r in chosen])}
-                rows[POSTHOC_NAMES.get(method, method)] = row
-            selected = [r["selected"]["metrics"][split] for s, r in by_seed.items()
-                        if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)]
+                rows[POSTHOC_NAMES.get(method, method)] = row_from_seeds(chosen)
+            selected = {str(s): _seed_values(r["selected"]["metrics"][split]) for s, r in by_seed.items()
+                        if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
             if selected:
-                rows[f"{method}@val"] = _row(selected)
+                rows[f"{method}@val"] = row_from_seeds(selected)
         tasks[task] = rows
     return {"commit": _commit(), "protocol": dict(protocol), "tasks": tasks}
+
+
+def pool_rows(old: Optional[Mapping[str, Any]], new: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``new``'s seeds added to ``old``'s (a seed in both: ``new``'s values), mean and sd recomputed."""
+    if old is None:
+        return dict(new)
+    for name, row in (("committed", old), ("new", new)):
+        if "per_seed" not in row:
+            raise ValueError(f"{where}: the {name} row has no per-seed values to pool; replace it instead (no --pool)")
+    return row_from_seeds({**old["per_seed"], **new["per_seed"]})
 
 
 def _commit() -> Optional[str]:
@@ -109,14 +133,17 @@ def trajectory_figure(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, 
 
 
 def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: Iterable[str],
-                  note: Optional[str] = None, methods: Optional[Iterable[str]] = None) -> dict[str, Any]:
+                  note: Optional[str] = None, methods: Optional[Iterable[str]] = None,
+                  pool: bool = False) -> dict[str, Any]:
     """``committed`` with the rows and protocol of ``tasks`` taken from ``new`` (another invocation's document).
 
     ``methods`` (row names, e.g. ``mc_dropout``, ``flow+temperature``, ``flow@val``) replaces only those rows
     of each task and keeps the others; None replaces a task's rows as a whole. The other tasks keep their
     rows; ``protocol.partial[task]`` records a task whose rows average fewer seeds than the protocol's
     (which rows, ``note``), and is dropped once a task is complete;
-    ``protocol.commits[task]`` is the commit that produced a task's rows.
+    ``protocol.commits[task]`` is the commit that produced a task's rows. With ``pool`` the new rows' seeds
+    join the committed rows' (``per_seed``; an invocation that ran seeds 1-2 completes one that ran seed 0)
+    instead of replacing them, and the commit is recorded per row.
     """
     out = json.loads(json.dumps(committed))
     protocol = out.setdefault("protocol", {})
@@ -124,7 +151,16 @@ def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: I
         if task not in new.get("tasks", {}):
             raise ValueError(f"{task!r} has no rows in the new results (tasks there: {sorted(new.get('tasks', {}))})")
         rows = dict(new["tasks"][task])
-        if methods is not None:
+        if pool:
+            kept = out.get("tasks", {}).get(task, {})
+            names = list(methods) if methods is not None else list(rows)
+            missing = [m for m in names if m not in rows]
+            if missing:
+                raise ValueError(f"{task}: no rows {missing} in the new results (rows there: {sorted(rows)})")
+            rows = {**kept, **{m: pool_rows(kept.get(m), rows[m], f"{task} {m}") for m in names}}
+            protocol.setdefault("commits", {})[task] = {**_as_dict(protocol.get("commits", {}).get(task)),
+                                                        **{m: new.get("commit") for m in names}}
+        elif methods is not None:
             missing = [m for m in methods if m not in rows]
             if missing:
                 raise ValueError(f"{task}: no rows {missing} in the new results (rows there: {sorted(rows)})")
@@ -160,17 +196,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tasks", nargs="+", required=True, help="tasks whose rows the new file replaces")
     parser.add_argument("--methods", nargs="+", default=None, help="replace only these rows (default: the whole task)")
     parser.add_argument("--note", default=None, help="why a task is partial (kept in protocol.partial)")
+    parser.add_argument("--pool", action="store_true",
+                        help="add the new seeds to the committed rows' (per_seed) instead of replacing the rows")
     args = parser.parse_args(argv)
     for path in (args.new, args.into):
         if not path.is_file():
             raise SystemExit(f"{path} not found")
     try:
         merged = merge_results(json.loads(args.new.read_text()), json.loads(args.into.read_text()), args.tasks, args.note,
-                               args.methods)
+                               args.methods, args.pool)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     write_results(merged, args.into)
-    print(f"{args.into}: rows of {args.tasks} from {args.new}")
+    print(f"{args.into}: rows of {args.tasks} {'pooled with' if args.pool else 'from'} {args.new}")
     return 0
 
 

@@ -150,6 +150,32 @@ def test_merge_replaces_only_the_given_tasks_and_marks_partial_ones(monkeypatch)
         module.merge_results({"tasks": {"a": {"delta": row(3)}}}, committed, ["a"], methods=["blob"])
 
 
+def test_pooling_adds_a_later_invocations_seeds_to_the_committed_rows(monkeypatch):
+    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    seed = lambda acc, cost=None: {"acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5, "mi": 0.0,  # noqa: E731
+                                   **({"cost": dict.fromkeys(module.COSTS, cost)} if cost else {})}
+    committed = {"protocol": {"seeds": [0, 1, 2]},
+                 "tasks": {"a": {"delta": module.row_from_seeds({"0": seed(0.3)}),
+                                 "tfb": module.row_from_seeds({"0": seed(0.2, cost=10.0)}),
+                                 "old": {"acc": {"mean": 0.5, "sd": 0.0}, "seeds": 3}}}}
+    new = {"commit": "n", "tasks": {"a": {"delta": module.row_from_seeds({"1": seed(0.4), "2": seed(0.5)}),
+                                          "tfb": module.row_from_seeds({"1": seed(0.4, cost=20.0), "2": seed(0.6, cost=30.0)}),
+                                          "old": module.row_from_seeds({"1": seed(0.1)})}}}
+    pooled = module.merge_results(new, committed, ["a"], methods=["delta", "tfb"], pool=True)
+    delta = pooled["tasks"]["a"]["delta"]
+    assert delta["seeds"] == 3 and sorted(delta["per_seed"]) == ["0", "1", "2"]
+    assert delta["acc"]["mean"] == pytest.approx(0.4) and delta["acc"]["sd"] == pytest.approx(0.1)
+    assert pooled["tasks"]["a"]["tfb"]["cost"]["seconds"]["mean"] == pytest.approx(20.0)
+    assert "a" not in pooled["protocol"]["partial"]  # every row of the task now has the protocol's 3 seeds
+    assert pooled["tasks"]["a"]["old"] == committed["tasks"]["a"]["old"] and pooled["protocol"]["commits"]["a"]["tfb"] == "n"
+    # a seed in both: the new value wins; a committed row without per-seed values cannot be pooled
+    again = module.merge_results({"tasks": {"a": {"delta": module.row_from_seeds({"0": seed(0.9)})}}}, pooled, ["a"],
+                                 methods=["delta"], pool=True)
+    assert again["tasks"]["a"]["delta"]["per_seed"]["0"]["acc"] == 0.9 and again["tasks"]["a"]["delta"]["seeds"] == 3
+    with pytest.raises(ValueError, match="a old: the committed row has no per-seed values to pool"):
+        module.merge_results(new, committed, ["a"], methods=["old"], pool=True)
+
+
 def _load_by_path(monkeypatch, *names: str):
     """Import benchmarks/<name>.py by path, in order (each may import the ones before); the last module."""
     import importlib.util
