@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 TIMEOUT = 240
+HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
 def _env() -> dict[str, str]:
@@ -41,6 +43,9 @@ def runs(tmp_path_factory):
         "counts": [sys.executable, str(BENCH / "step_counts.py"), "--model", "tiny", "--steps", "2",
                    "--batch-size", "2", "--seq-len", "16", "--output", str(out / "counts.json")],
     }
+    if HAS_COMPILER:  # inductor builds C++ kernels on a CPU
+        commands["compile"] = [sys.executable, str(BENCH / "compile_check.py"), "--tiny", "--steps", "3", "--warmup", "1",
+                               "--output", str(out / "compile.json")]
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, cmd in commands.items()
@@ -92,6 +97,7 @@ def test_speed_json(runs):
     for n, v in prediction["guides"]["flow"].items():
         _positive(v["seconds"], f"predict N={n}")
         _positive(v["ratio"], f"predict ratio N={n}")
+        assert set(prediction["modes"]["flow"][n]) == {"default", "stacked", "loop", "unmerged"}
     layers = data["layers"]
     assert set(layers["results"]) == {"plain", "delta", "flow"}
     for method, per in layers["results"].items():
@@ -103,6 +109,20 @@ def test_speed_json(runs):
     assert all(isinstance(ok, bool) for ok in data["checks"].values())
     assert {"tiny/flow/step", "tiny/flow/memory", "tiny/flow/predict4", "layers/flow/flat"} <= set(data["checks"])
     assert "x peft" in logs["speed"] and "per-layer overhead" in logs["speed"] and "targets:" in logs["speed"]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile (inductor) needs a C++ compiler on a CPU")
+def test_compile_check_times_eager_and_compiled_adapters(runs):
+    out, logs = runs
+    data = json.loads((out / "compile.json").read_text())
+    assert set(data["median_step_s"]) == {"plain", "plain_compiled", "ours", "ours_compiled"}
+    for variant, seconds in data["median_step_s"].items():
+        _positive(seconds, f"{variant} step")
+        _positive(data["first_step_s"][variant], f"{variant} first step")
+    for ratios in (data["compiled_over_eager"], data["ours_over_plain"]):
+        for key, value in ratios.items():
+            _positive(value, key)
+    assert "compiled / eager" in logs["compile"]
 
 
 def test_interleaved_loops_take_turns_and_time_their_own_steps():
