@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .batched import take_rows
 from .conditional import InducingConditional, batch_conditionals
-from .merging import MergedWeight, can_merge_into, merge_pays
+from .merging import can_merge_into, merge_pays, merged_weight
 from .priors import InducingPrior, build_prior, inducing_matrices
 
 if TYPE_CHECKING:
@@ -197,7 +197,6 @@ class BayesianLoRALinear(nn.Module):
             self.lora_B_weight = nn.Parameter(torch.zeros(self.out_features, config.r, **kw))
         self.base = base
         self._sampled: tuple[Tensor, Tensor] | None = None
-        self._merged = MergedWeight()
         self._mergeable = can_merge_into(base, kw["dtype"])
 
     @property
@@ -219,7 +218,6 @@ class BayesianLoRALinear(nn.Module):
                 f"A ({self.r}, {self.in_features}) and B ({self.out_features}, {self.r})"
             )
         self._sampled = (a, b)
-        self._merged.clear()
 
     def set_draws(self, weights: Mapping[str, Tensor]) -> None:
         """Fix this layer's factors from joint draws keyed by Pyro site name (``*.W``).
@@ -233,7 +231,6 @@ class BayesianLoRALinear(nn.Module):
 
     def clear_adapter_weights(self) -> None:
         self._sampled = None
-        self._merged.clear()
 
     def prior_gain(self) -> Tensor | float:
         """``g``, the empirical-Bayes gain of the prior's output scale (1.0 for ``prior_scale="fixed"``)."""
@@ -280,9 +277,8 @@ class BayesianLoRALinear(nn.Module):
         a, b = self.adapter_weights()
         if self._merges(x, a):
             log_gain = getattr(self, "lora_prior_log_gain", None)
-            weight = self._merged.weight(self.base.weight, a, b, self.scaling, log_gain)
+            weight = merged_weight(self.base.weight, a, b, self.scaling, log_gain)
             return nn.functional.linear(x, weight, self.base.bias)
-        self._merged.clear()  # a training step holds no merged copy
         out = self.base(x)
         h = self.dropout(x).to(a.dtype)
         if a.dim() == 2:

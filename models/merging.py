@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MergedWeight", "merge_pays", "can_merge_into", "adapter_path"]
+__all__ = ["merged_weight", "merge_pays", "can_merge_into", "adapter_path"]
 
 
 def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
@@ -43,40 +43,17 @@ def can_merge_into(base: nn.Module, adapter_dtype: torch.dtype) -> bool:
     return type(base) is nn.Linear and base.weight.dtype == adapter_dtype and adapter_dtype in (torch.float32, torch.float64)
 
 
-class MergedWeight:
-    """The merged weight ``W0 + scale B A`` of the draw set last, rebuilt only when the draw changes.
+def merged_weight(base_weight: Tensor, a: Tensor, b: Tensor, scaling: float,
+                  log_gain: Optional[Tensor] = None) -> Tensor:
+    """``W0 + scaling g B A`` (``d_out x d_in``; ``g = exp(log_gain)``, 1 without), by one ``addmm``.
 
-    The key is the factors' storage, offsets and version counters, and the prior gain's: an in-place edit
-    of the factors (an optimiser step, ``copy_`` in ``FitResult.load_state_dict_copy``) or of the gain
-    builds it again; the layer clears it whenever a new draw is set, so a freed draw's address is never
-    mistaken for a live one. :meth:`clear` drops it (a new draw is set; the memory of one
-    merged weight per layer is held only while that draw is in use).
+    Built afresh for every forward and freed after it: a cache would hit only for repeated forwards with
+    one draw, and would hold a copy of every adapted weight (4 GiB for a 7B float32 model's q/v) after
+    prediction ends.
     """
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._weight: Optional[Tensor] = None
-
-    @staticmethod
-    def _key_of(a: Tensor, b: Tensor, gain: Optional[Tensor]) -> tuple:
-        gain_key = None if gain is None else (gain.data_ptr(), gain._version)
-        return (a.data_ptr(), a.storage_offset(), a._version, tuple(a.shape),
-                b.data_ptr(), b.storage_offset(), b._version, tuple(b.shape), gain_key)
-
-    def weight(self, base_weight: Tensor, a: Tensor, b: Tensor, scaling: float,
-               log_gain: Optional[Tensor] = None) -> Tensor:
-        """``W0 + scaling g B A`` (``d_out x d_in``; ``g = exp(log_gain)``, 1 without), cached while the draw is unchanged."""
-        key = self._key_of(a, b, log_gain)
-        if self._weight is None or key != self._key:
-            if log_gain is None:
-                self._weight = torch.addmm(base_weight, b, a, alpha=scaling)
-            else:
-                self._weight = torch.addmm(base_weight, b * (scaling * log_gain.exp().to(b.dtype)), a)
-            self._key = key
-        return self._weight
-
-    def clear(self) -> None:
-        self._key, self._weight = None, None
+    if log_gain is None:
+        return torch.addmm(base_weight, b, a, alpha=scaling)
+    return torch.addmm(base_weight, b * (scaling * log_gain.exp().to(b.dtype)), a)
 
 
 @contextlib.contextmanager

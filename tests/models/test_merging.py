@@ -16,6 +16,22 @@ def config(**kw):
     return BLoRAConfig(target_modules=["lin"], r=4, inducing_rows=3, inducing_cols=3, **kw)
 
 
+@pytest.fixture
+def merges_seen(monkeypatch):
+    """The layers' calls of ``merged_weight``, counted (a merged forward calls it once)."""
+    import pyro_blora.models.layer as layer_module
+
+    calls = []
+    real = layer_module.merged_weight
+
+    def record(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "merged_weight", record)
+    return calls
+
+
 def unmerged(layer: BayesianLoRALinear, x: torch.Tensor) -> torch.Tensor:
     a, b = layer.adapter_weights()
     return layer.base(x) + layer.update_scale * (x @ a.T @ b.T)
@@ -23,7 +39,7 @@ def unmerged(layer: BayesianLoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bayesian", [True, False])
 @pytest.mark.parametrize("prior_scale", ["fixed", "empirical_bayes"])
-def test_merged_forward_equals_the_adapter_path(bayesian, prior_scale):
+def test_merged_forward_equals_the_adapter_path(bayesian, prior_scale, merges_seen):
     torch.manual_seed(0)
     layer = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(prior_scale=prior_scale), bayesian=bayesian)
     if bayesian:
@@ -33,11 +49,11 @@ def test_merged_forward_equals_the_adapter_path(bayesian, prior_scale):
     x = torch.randn(3, 8, 12)  # 24 tokens >= 12 * 6 / 18: the merge pays
     with torch.no_grad():
         merged = layer(x)
-        assert layer._merged._weight is not None
+        assert merges_seen == [(6, 12)]
         torch.testing.assert_close(merged, unmerged(layer, x), rtol=1e-5, atol=1e-6)
 
 
-def test_merged_weight_follows_a_new_draw_and_an_in_place_edit():
+def test_merged_forward_follows_a_new_draw_and_an_in_place_edit():
     torch.manual_seed(1)
     layer = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(), bayesian=False)
     nn.init.normal_(layer.lora_B_weight)
@@ -52,15 +68,15 @@ def test_merged_weight_follows_a_new_draw_and_an_in_place_edit():
         torch.testing.assert_close(layer(x), layer.base(x) + layer.update_scale * x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
 
 
-def test_no_merge_where_it_would_change_the_result_or_not_pay():
+def test_no_merge_where_it_would_change_the_result_or_not_pay(merges_seen):
     torch.manual_seed(2)
     x = torch.randn(40, 12)
 
     def merges(layer, inp=x, grad=False):
-        layer._merged.clear()
+        merges_seen.clear()
         with torch.set_grad_enabled(grad):
             layer(inp)
-        return layer._merged._weight is not None
+        return bool(merges_seen)
 
     layer = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(), bayesian=False)
     assert merges(layer)
@@ -78,15 +94,6 @@ def test_no_merge_where_it_would_change_the_result_or_not_pay():
     assert not merges(stacked, inp=torch.randn(3 * 40, 12))
 
 
-def test_a_training_forward_drops_the_merged_copy():
-    layer = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(), bayesian=False)
-    with torch.no_grad():
-        layer(torch.randn(40, 12))
-    assert layer._merged._weight is not None
-    layer(torch.randn(40, 12)).sum().backward()
-    assert layer._merged._weight is None and layer.lora_A_weight.grad is not None
-
-
 def test_merge_pays_at_the_multiply_add_break_even():
     assert merge_pays(288, 576, 576) and not merge_pays(287, 576, 576)
     assert not merge_pays(512, 576, 49152) and merge_pays(570, 576, 49152)
@@ -101,14 +108,16 @@ def test_adapter_path_turns_merging_off_and_restores_it():
     assert not layers[1].merge_for_inference
 
 
-def test_a_fitted_posterior_predicts_the_same_merged_or_not():
+def test_a_fitted_posterior_predicts_the_same_merged_or_not(merges_seen):
     import pyro_blora
     from toy import make_config, make_data, make_net
 
     data = make_data(n=64)
     result = pyro_blora.fit(make_net(), data, "flow", config=make_config(), num_steps=5, batch_size=16, progress=False)
     merged = result.predict(data, num_samples=3, batch_size=64)
-    assert all(layer._merged._weight is not None for layer in result.model.layers)  # 64 rows: both layers merged
+    assert sorted(merges_seen) == sorted([(32, 16), (3, 32)] * 3)  # 64 rows: both layers merged, every draw
+    merges_seen.clear()
     with adapter_path(result.model.layers):
         unmerged_ = result.predict(data, num_samples=3, batch_size=64)
+    assert not merges_seen
     torch.testing.assert_close(merged.sample_probs, unmerged_.sample_probs, rtol=1e-5, atol=1e-6)
