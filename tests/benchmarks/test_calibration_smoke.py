@@ -58,7 +58,9 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val", "laplace_last_layer",
             "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
     assert rows["tfb"]["cost"]["seconds"]["mean"] > 0 and "cost" not in rows["delta"]
-    assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds"} and rows["flow"]["seeds"] == 1
+    assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds", "per_seed"} and rows["flow"]["seeds"] == 1
+    assert list(rows["flow"]["per_seed"]) == ["0"] and rows["flow"]["per_seed"]["0"]["ece"] == rows["flow"]["ece"]["mean"]
+    assert rows["tfb"]["per_seed"]["0"]["cost"]["seconds"] == rows["tfb"]["cost"]["seconds"]["mean"]
     assert 0 <= rows["flow"]["ece"]["mean"] <= 1 and results["protocol"]["ece_bins"] == 15
     assert (tmp_path / "trajectory.png").stat().st_size > 5_000
 
