@@ -197,7 +197,6 @@ class BayesianLoRALinear(nn.Module):
             self.lora_B_weight = nn.Parameter(torch.zeros(self.out_features, config.r, **kw))
         self.base = base
         self._sampled: tuple[Tensor, Tensor] | None = None
-        self._mergeable = can_merge_into(base, kw["dtype"])
 
     @property
     def factors(self) -> list[InducingFactor]:
@@ -267,7 +266,8 @@ class BayesianLoRALinear(nn.Module):
 
     def _merges(self, x: Tensor, a: Tensor) -> bool:
         return (
-            self.merge_for_inference and self._mergeable and a.dim() == 2 and not torch.is_grad_enabled()
+            self.merge_for_inference and a.dim() == 2 and not torch.is_grad_enabled()
+            and can_merge_into(self.base, a.dtype)  # checked per call: .to(dtype) may have changed either
             and not (self.dropout.training and isinstance(self.dropout, nn.Dropout))
             and type(self)._project is BayesianLoRALinear._project
             and merge_pays(x.numel() // self.in_features, self.in_features, self.out_features)

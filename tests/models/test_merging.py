@@ -86,6 +86,8 @@ def test_no_merge_where_it_would_change_the_result_or_not_pay(merges_seen):
     assert not merges(layer)
     half = BayesianLoRALinear(nn.Linear(12, 6).to(torch.bfloat16), "lin", config(), bayesian=False)
     assert not merges(half, inp=x.to(torch.bfloat16))  # W0 + sBA in bf16 would lose the update
+    converted = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(), bayesian=False).to(torch.bfloat16)
+    assert not merges(converted, inp=x.to(torch.bfloat16))  # converted after construction: checked per call
     dropout = BayesianLoRALinear(nn.Linear(12, 6), "lin", config(dropout=0.5), bayesian=False)
     assert not merges(dropout.train())  # MC dropout: a mask per forward
     assert merges(dropout.eval())
