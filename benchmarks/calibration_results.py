@@ -151,22 +151,16 @@ def merge_results(new: Mapping[str, Any], committed: Mapping[str, Any], tasks: I
         if task not in new.get("tasks", {}):
             raise ValueError(f"{task!r} has no rows in the new results (tasks there: {sorted(new.get('tasks', {}))})")
         rows = dict(new["tasks"][task])
-        if pool:
+        if pool or methods is not None:  # row by row: the task's other rows and its protocol stay
             kept = out.get("tasks", {}).get(task, {})
             names = list(methods) if methods is not None else list(rows)
             missing = [m for m in names if m not in rows]
             if missing:
                 raise ValueError(f"{task}: no rows {missing} in the new results (rows there: {sorted(rows)})")
-            rows = {**kept, **{m: pool_rows(kept.get(m), rows[m], f"{task} {m}") for m in names}}
+            chosen = {m: pool_rows(kept.get(m), rows[m], f"{task} {m}") if pool else rows[m] for m in names}
+            rows = {**kept, **chosen}
             protocol.setdefault("commits", {})[task] = {**_as_dict(protocol.get("commits", {}).get(task)),
                                                         **{m: new.get("commit") for m in names}}
-        elif methods is not None:
-            missing = [m for m in methods if m not in rows]
-            if missing:
-                raise ValueError(f"{task}: no rows {missing} in the new results (rows there: {sorted(rows)})")
-            rows = {**out.get("tasks", {}).get(task, {}), **{m: rows[m] for m in methods}}
-            protocol.setdefault("commits", {})[task] = {**_as_dict(protocol.get("commits", {}).get(task)),
-                                                        **{m: new.get("commit") for m in methods}}
         else:
             protocol.setdefault("tasks", {})[task] = new.get("protocol", {}).get("tasks", {}).get(task)
             protocol.setdefault("commits", {})[task] = new.get("commit")

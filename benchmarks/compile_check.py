@@ -19,7 +19,6 @@ The guide's draw (Pyro) stays eager in every case. Compile time is reported apar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path

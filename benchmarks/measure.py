@@ -135,13 +135,10 @@ def _time_prediction(peft_net: Any, results: dict[str, Any], task: Any, examples
 
 
 def _predict_unmerged(result: Any, examples: list, num_samples: int) -> Any:
-    from pyro_blora.models import BayesianLoRALinear
+    from pyro_blora.models.merging import adapter_path
 
-    BayesianLoRALinear.merge_for_inference = False
-    try:
+    with adapter_path(result.model.layers):
         return result.predict(examples, num_samples=num_samples, batch_size=len(examples))
-    finally:
-        BayesianLoRALinear.merge_for_inference = True
 
 
 def run_memory(spec: dict[str, Any]) -> dict[str, Any]:

@@ -276,8 +276,7 @@ class BayesianLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.adapter_weights()
         if self._merges(x, a):
-            log_gain = getattr(self, "lora_prior_log_gain", None)
-            weight = merged_weight(self.base.weight, a, b, self.scaling, log_gain)
+            weight = merged_weight(self.base.weight, a, b, self.update_scale)
             return nn.functional.linear(x, weight, self.base.bias)
         out = self.base(x)
         h = self.dropout(x).to(a.dtype)

@@ -43,17 +43,16 @@ def can_merge_into(base: nn.Module, adapter_dtype: torch.dtype) -> bool:
     return type(base) is nn.Linear and base.weight.dtype == adapter_dtype and adapter_dtype in (torch.float32, torch.float64)
 
 
-def merged_weight(base_weight: Tensor, a: Tensor, b: Tensor, scaling: float,
-                  log_gain: Optional[Tensor] = None) -> Tensor:
-    """``W0 + scaling g B A`` (``d_out x d_in``; ``g = exp(log_gain)``, 1 without), by one ``addmm``.
+def merged_weight(base_weight: Tensor, a: Tensor, b: Tensor, scale: Tensor | float) -> Tensor:
+    """``W0 + scale B A`` (``d_out x d_in``) by one ``addmm``; ``scale`` is the layer's ``update_scale``.
 
     Built afresh for every forward and freed after it: a cache would hit only for repeated forwards with
     one draw, and would hold a copy of every adapted weight (4 GiB for a 7B float32 model's q/v) after
     prediction ends.
     """
-    if log_gain is None:
-        return torch.addmm(base_weight, b, a, alpha=scaling)
-    return torch.addmm(base_weight, b * (scaling * log_gain.exp().to(b.dtype)), a)
+    if isinstance(scale, Tensor):
+        return torch.addmm(base_weight, b * scale.to(b.dtype), a)
+    return torch.addmm(base_weight, b, a, alpha=scale)
 
 
 @contextlib.contextmanager
