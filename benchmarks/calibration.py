@@ -23,7 +23,7 @@ Usage::
     python benchmarks/calibration.py --device cuda --workers 6
 
 The benchmark files are read from ``../shared/data`` (or ``--data-dir`` /
-``PYRO_BLORA_DATA``); tasks whose files are missing are skipped with a message.
+``PYRO_BLORA_DATA_DIR``); tasks whose files are missing are skipped with a message.
 """
 
 from __future__ import annotations

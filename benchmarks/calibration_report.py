@@ -70,6 +70,7 @@ def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, di
                 scaled = {k: apply_temperature(v, temperature) for k, v in predictions.items()}
                 methods.setdefault(f"{base}+ts", {})[seed] = {
                     "metrics": _metrics(scaled), "temperature": temperature, "train_seconds": record["train_seconds"],
+                    "settings": record.get("settings", {}),
                 }
         maps = methods.get("delta", {})
         for seed in seeds:

@@ -39,8 +39,12 @@ COSTS = ("seconds", "peak_memory_mb", "map_seconds", "map_peak_memory_mb")
 
 
 def _seed_values(metrics: Mapping[str, Any], record: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """One seed's entry of a row's ``per_seed``: its metrics and, for a post-hoc peer's ``record``, its cost."""
+    """One seed's entry of a row's ``per_seed``: its metrics, the device it ran on (``cpu``, ``cuda``: rows may
+    pool seeds from different machines) and, for a post-hoc peer's ``record``, its cost."""
     values: dict[str, Any] = {key: metrics.get(name, math.nan) for key, name in METRICS.items()}
+    device = (record or {}).get("settings", {}).get("device")
+    if device is not None:
+        values["device"] = device
     if record is not None and "cost_over_map" in record:
         values["cost"] = {"seconds": record["train_seconds"], "peak_memory_mb": record["peak_memory_mb"],
                           "map_seconds": record["cost_over_map"]["map_seconds"],
@@ -53,6 +57,9 @@ def row_from_seeds(per_seed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     entries = [per_seed[k] for k in sorted(per_seed, key=int)]
     row: dict[str, Any] = {key: _stat([e.get(key, math.nan) for e in entries]) for key in METRICS}
     row["seeds"] = len(entries)
+    devices = sorted({e["device"] for e in entries if "device" in e})
+    if devices:
+        row["devices"] = devices
     if entries and all("cost" in e for e in entries):  # a post-hoc peer: its own cost on top of the MAP run
         row["cost"] = {key: _stat([e["cost"][key] for e in entries]) for key in COSTS}
     row["per_seed"] = {k: dict(per_seed[k]) for k in sorted(per_seed, key=int)}
@@ -71,8 +78,8 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
                       if s in seeds and split in r["metrics"]}
             if chosen:
                 rows[POSTHOC_NAMES.get(method, method)] = row_from_seeds(chosen)
-            selected = {str(s): _seed_values(r["selected"]["metrics"][split]) for s, r in by_seed.items()
-                        if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
+            selected = {str(s): _seed_values(r["selected"]["metrics"][split], {"settings": r.get("settings", {})})
+                        for s, r in by_seed.items() if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
             if selected:
                 rows[f"{method}@val"] = row_from_seeds(selected)
         tasks[task] = rows

@@ -58,7 +58,8 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val", "laplace_last_layer",
             "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
     assert rows["tfb"]["cost"]["seconds"]["mean"] > 0 and "cost" not in rows["delta"]
-    assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds", "per_seed"} and rows["flow"]["seeds"] == 1
+    assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds", "per_seed", "devices"}
+    assert rows["flow"]["seeds"] == 1 and rows["flow"]["devices"] == ["cpu"] and rows["flow@val"]["devices"] == ["cpu"]
     assert list(rows["flow"]["per_seed"]) == ["0"] and rows["flow"]["per_seed"]["0"]["ece"] == rows["flow"]["ece"]["mean"]
     assert rows["tfb"]["per_seed"]["0"]["cost"]["seconds"] == rows["tfb"]["cost"]["seconds"]["mean"]
     assert 0 <= rows["flow"]["ece"]["mean"] <= 1 and results["protocol"]["ece_bins"] == 15
@@ -188,3 +189,15 @@ def _load_by_path(monkeypatch, *names: str):
         monkeypatch.setitem(sys.modules, name, module)  # imported by the next, and a dataclass looks it up
         spec.loader.exec_module(module)
     return module
+
+
+def test_pooled_rows_name_the_devices_their_seeds_ran_on(monkeypatch):
+    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    metrics = {"acc": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5, "mutual_information": 0.02}
+    on = lambda device: module._seed_values(metrics, {"settings": {"device": device}})  # noqa: E731
+    assert on("cuda")["device"] == "cuda" and "device" not in module._seed_values(metrics)
+    committed = {"protocol": {"seeds": [0, 1, 2]}, "tasks": {"a": {"normal": module.row_from_seeds({"0": on("cuda")})}}}
+    new = {"commit": "n", "tasks": {"a": {"normal": module.row_from_seeds({"1": on("cpu"), "2": on("cpu")})}}}
+    pooled = module.merge_results(new, committed, ["a"], methods=["normal"], pool=True)["tasks"]["a"]["normal"]
+    assert pooled["devices"] == ["cpu", "cuda"] and pooled["per_seed"]["0"]["device"] == "cuda"
+    assert pooled["mi"]["mean"] == pytest.approx(0.02) and pooled["seeds"] == 3
