@@ -78,8 +78,8 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
                       if s in seeds and split in r["metrics"]}
             if chosen:
                 rows[POSTHOC_NAMES.get(method, method)] = row_from_seeds(chosen)
-            selected = {str(s): _seed_values(r["selected"]["metrics"][split], {"settings": r.get("settings", {})})
-                        for s, r in by_seed.items() if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
+            selected = {str(s): _seed_values(r["selected"]["metrics"][split], r) for s, r in by_seed.items()
+                        if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
             if selected:
                 rows[f"{method}@val"] = row_from_seeds(selected)
         tasks[task] = rows

@@ -41,7 +41,7 @@ one_run() {  # TASK METHOD:SEED [TAG [KEY=VALUE ...]]
   local method="${run%%:*}" seed="${run##*:}" left=$(( GRID_DEADLINE - $(date +%s) ))
   local name="${task}_${method}_${seed}"; [[ "$tag" != "-" ]] && name="${task}_${method}-${tag}_${seed}"
   if (( left <= 0 )); then echo "$(date +%T) $name not started: deadline"; return 0; fi
-  local sets=("$@") extra=()
+  local sets=("$@") extra=() more=()
   [[ -n "${GRID_SET:-}" ]] && read -r -a more <<<"$GRID_SET" && sets+=("${more[@]}")
   [[ "$tag" != "-" ]] && extra+=(--tag "$tag"); [[ ${#sets[@]} -gt 0 ]] && extra+=(--set "${sets[@]}")
   echo "$(date +%T) $name started"
