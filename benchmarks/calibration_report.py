@@ -34,6 +34,12 @@ COLUMNS = ["acc", "ece", "nll", "brier"]
 TEMPERATURE_ON = ("delta", "flow")
 
 
+def temperature_bases(methods: Iterable[str]) -> list[str]:
+    """The rows that get a ``+ts`` row: ``delta`` and ``flow`` and their tagged variants (``flow-top6``), so a
+    variant's MAP is tempered as the protocol's is and no method gets a post-hoc step its baseline lacks."""
+    return [m for m in methods if m.split("-", 1)[0] in TEMPERATURE_ON and not m.endswith("+ts")]
+
+
 @functools.lru_cache(maxsize=None)
 def _predictions(path: Path) -> dict[str, Prediction]:
     """A run's per-split predictions, read once per report (temperature, ensembles and the grid share them)."""
@@ -61,8 +67,8 @@ def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, di
         record = json.loads(file.read_text())
         runs.setdefault(record["task"], {}).setdefault(record["method"], {})[record["seed"]] = record | {"file": str(file)}
     for task, methods in runs.items():
-        for base in TEMPERATURE_ON:
-            for seed, record in methods.get(base, {}).items():
+        for base in temperature_bases(list(methods)):
+            for seed, record in methods[base].items():
                 if seed not in seeds:
                     continue
                 predictions = _predictions(Path(record["file"]))

@@ -26,7 +26,13 @@ from matplotlib.figure import Figure
 
 from calibration_report import _mean_std
 
-POSTHOC_NAMES = {"delta+ts": "delta+temperature", "flow+ts": "flow+temperature"}
+
+def posthoc_name(method: str) -> str:
+    """The JSON name of a runner row: ``delta+ts`` -> ``delta+temperature``, ``flow-top6+ts`` ->
+    ``flow-top6+temperature``; any other row keeps its name."""
+    return method[: -len("+ts")] + "+temperature" if method.endswith("+ts") else method
+
+
 METRICS = {"acc": "acc", "ece": "ece", "nll": "nll", "brier": "brier", "mi": "mutual_information"}
 
 
@@ -77,7 +83,7 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
             chosen = {str(s): _seed_values(r["metrics"][split], r) for s, r in by_seed.items()
                       if s in seeds and split in r["metrics"]}
             if chosen:
-                rows[POSTHOC_NAMES.get(method, method)] = row_from_seeds(chosen)
+                rows[posthoc_name(method)] = row_from_seeds(chosen)
             selected = {str(s): _seed_values(r["selected"]["metrics"][split], r) for s, r in by_seed.items()
                         if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
             if selected:

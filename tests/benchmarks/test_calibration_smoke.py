@@ -201,3 +201,27 @@ def test_pooled_rows_name_the_devices_their_seeds_ran_on(monkeypatch):
     pooled = module.merge_results(new, committed, ["a"], methods=["normal"], pool=True)["tasks"]["a"]["normal"]
     assert pooled["devices"] == ["cpu", "cuda"] and pooled["per_seed"]["0"]["device"] == "cuda"
     assert pooled["mi"]["mean"] == pytest.approx(0.02) and pooled["seeds"] == 3
+
+
+def test_tagged_variants_of_map_and_flow_get_their_own_temperature_rows(monkeypatch, tmp_path):
+    import torch
+
+    from pyro_blora.result import Prediction
+
+    io = _load_by_path(monkeypatch, "common", "calibration_io")
+    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    sure = torch.tensor([[0.99, 0.01], [0.02, 0.98], [0.01, 0.99], [0.97, 0.03], [0.05, 0.95], [0.9, 0.1]])
+    def prediction() -> Prediction:  # over-confident: a temperature above 1 helps; safetensors wants own storage
+        return Prediction(sure.clone(), sure[None].clone(), labels.clone())
+
+    for method in ("delta", "delta-top6", "flow-kl4", "mc_dropout"):
+        io.write_run(tmp_path / "t" / method / "seed0.json", {"task": "t", "method": method, "seed": 0,
+                     "train_seconds": 1.0}, {"validation": prediction(), "test": prediction()})
+    runs = sys.modules["calibration_report"].collect(tmp_path, seeds=[0], ensemble_size=3)["t"]
+    assert {"delta+ts", "delta-top6+ts", "flow-kl4+ts"} <= set(runs) and "mc_dropout+ts" not in runs
+    temperature = runs["delta+ts"][0]["temperature"]
+    assert temperature > 1 and runs["delta-top6+ts"][0]["temperature"] == pytest.approx(temperature)
+    rows = module.results({"t": runs}, seeds=[0], protocol={})["tasks"]["t"]
+    assert {"delta+temperature", "delta-top6+temperature", "flow-kl4+temperature"} <= set(rows)
+    assert rows["delta-top6+temperature"]["nll"]["mean"] < rows["delta-top6"]["nll"]["mean"]
