@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from calibration_io import adapter_path, brief, log, predict_all, run_path, write_run
+from calibration_io import adapter_path, brief, label, log, predict_all, run_path, write_run
 from calibration_peers import PEERS, fit_peers, fit_peers_from_saved, peer_backlog
 from common import PeakMemory
 
@@ -138,11 +138,6 @@ def _schedule(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int)
     sets = {"validation": prepared.validation, "test": prepared.test}
     return EvaluationSchedule(sets, fraction_steps(cfg.num_steps), select_on="validation", num_samples=cfg.num_samples,
                               seed=seed)
-
-
-def label(method: str, tag: Optional[str]) -> str:
-    """The folder and table name of ``method``'s runs: ``flow``, or ``flow-<tag>`` for a tagged variant."""
-    return f"{method}-{tag}" if tag else method
 
 
 def plan(task: str, methods: list[str], seeds: list[int], out: Path, tag: Optional[str] = None,

@@ -24,6 +24,16 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def label(method: str, tag: Optional[str]) -> str:
+    """The folder and table name of ``method``'s runs: ``flow``, or ``flow-<tag>`` for a tagged variant."""
+    return f"{method}-{tag}" if tag else method
+
+
+def method_of(name: str) -> str:
+    """The registry method behind a run's :func:`label`: ``flow-top6`` -> ``flow``, ``mc_dropout`` -> itself."""
+    return name.split("-", 1)[0]
+
+
 def run_path(out: Path, task: str, method: str, seed: int) -> Path:
     return out / task / method / f"seed{seed}.json"
 

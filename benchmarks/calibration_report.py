@@ -19,6 +19,8 @@ import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
+from calibration_io import method_of
+
 from pyro_blora import metrics
 from pyro_blora.result import Prediction
 
@@ -35,9 +37,9 @@ TEMPERATURE_ON = ("delta", "flow")
 
 
 def temperature_bases(methods: Iterable[str]) -> list[str]:
-    """The rows that get a ``+ts`` row: ``delta`` and ``flow`` and their tagged variants (``flow-top6``), so a
+    """The runs that get a ``+ts`` row: ``delta`` and ``flow`` and their tagged variants (``flow-top6``), so a
     variant's MAP is tempered as the protocol's is and no method gets a post-hoc step its baseline lacks."""
-    return [m for m in methods if m.split("-", 1)[0] in TEMPERATURE_ON and not m.endswith("+ts")]
+    return [m for m in methods if method_of(m) in TEMPERATURE_ON]
 
 
 @functools.lru_cache(maxsize=None)

@@ -131,7 +131,7 @@ def test_last_block_modules_takes_the_highest_numbered_block(monkeypatch):
 
 
 def test_merge_replaces_only_the_given_tasks_and_marks_partial_ones(monkeypatch):
-    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
     row = lambda n: {"acc": {"mean": 0.5, "sd": 0.0}, "seeds": n}  # noqa: E731
     committed = {"commit": "old", "protocol": {"seeds": [0, 1, 2], "tasks": {"a": {"x": 1}}},
                  "tasks": {"a": {"delta": row(3)}, "b": {"delta": row(1)}}}
@@ -154,7 +154,7 @@ def test_merge_replaces_only_the_given_tasks_and_marks_partial_ones(monkeypatch)
 
 
 def test_pooling_adds_a_later_invocations_seeds_to_the_committed_rows(monkeypatch):
-    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
     seed = lambda acc, cost=None: {"acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5, "mi": 0.0,  # noqa: E731
                                    **({"cost": dict.fromkeys(module.COSTS, cost)} if cost else {})}
     committed = {"protocol": {"seeds": [0, 1, 2]},
@@ -192,7 +192,7 @@ def _load_by_path(monkeypatch, *names: str):
 
 
 def test_pooled_rows_name_the_devices_their_seeds_ran_on(monkeypatch):
-    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
     metrics = {"acc": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5, "mutual_information": 0.02}
     on = lambda device: module._seed_values(metrics, {"settings": {"device": device}})  # noqa: E731
     assert on("cuda")["device"] == "cuda" and "device" not in module._seed_values(metrics)
@@ -208,10 +208,11 @@ def test_tagged_variants_of_map_and_flow_get_their_own_temperature_rows(monkeypa
 
     from pyro_blora.result import Prediction
 
-    io = _load_by_path(monkeypatch, "common", "calibration_io")
-    module = _load_by_path(monkeypatch, "calibration_report", "calibration_results")
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
+    io = sys.modules["calibration_io"]
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
     sure = torch.tensor([[0.99, 0.01], [0.02, 0.98], [0.01, 0.99], [0.97, 0.03], [0.05, 0.95], [0.9, 0.1]])
+
     def prediction() -> Prediction:  # over-confident: a temperature above 1 helps; safetensors wants own storage
         return Prediction(sure.clone(), sure[None].clone(), labels.clone())
 
