@@ -50,8 +50,9 @@ TRAINED = ["delta", "mc_dropout", "blob", "normal", "flow"]
 
 POSTHOC = ["ensemble", "delta+ts", "flow+ts"]
 SHIFT = {"openbookqa": ["arc_easy", "arc_challenge"]}
-TRAJECTORY_METHODS = ("delta", "normal", "flow", "blob")
-"""Methods whose fit result predicts as the method does, so that the checkpoints along training can be scored."""
+TRAJECTORY_METHODS = ("delta", "mc_dropout", "normal", "flow", "blob")
+"""Methods whose fit result predicts as the method does along training (``fit_svi``'s ``result_type``), so that
+the checkpoints can be scored; the ensemble is post-hoc over MAP runs and has no checkpoints of its own."""
 ENSEMBLE_SIZE = 3
 
 
@@ -130,8 +131,8 @@ def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int,
 
 
 def _schedule(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> Optional[EvaluationSchedule]:
-    """Validation and test scored every 10 % of the step budget (trained methods whose fit result predicts
-    as the method does; MC dropout's and the ensemble's wrappers are scored at the end only). The shift sets
+    """Validation and test scored every 10 % of the step budget (the trained methods; the ensemble, averaged
+    after the fact over MAP runs, has none). The shift sets
     are scored on the finished fit only: along training they would double a QA run's prediction cost."""
     if method not in TRAJECTORY_METHODS or cfg.num_steps is None:
         return None

@@ -15,7 +15,9 @@ with the masks ``m_s`` on the input of the LoRA path only (the adapters'
 modules stay in eval mode: the frozen base is not part of the posterior.
 
 Training is plain MAP LoRA (the ``"delta"`` guide of :func:`pyro_blora.fit`)
-with that dropout active; only prediction differs.
+with that dropout active; only prediction differs, and it differs along training too:
+validation, early stopping and callbacks (a benchmark's checkpoint scorer) see the
+masked predictive, not the MAP one.
 """
 
 from __future__ import annotations
@@ -141,8 +143,8 @@ def fit_mc_dropout(model: nn.Module, data: Any, request: FitRequest, options: MC
         An :class:`MCDropoutResult`; ``predict(data, num_samples=S)`` averages ``S`` masks.
     """
     config = _resolve_config(model, request.config, options)
-    result = fit_svi(model, data, "delta", **{**request.svi_arguments(), "config": config})
-    return MCDropoutResult.from_fit_result(result)
+    # built as an MCDropoutResult from the start, so that validation and callbacks score the masked predictive
+    return fit_svi(model, data, "delta", result_type=MCDropoutResult, **{**request.svi_arguments(), "config": config})
 
 
 def load_mc_dropout(path: Any, model: nn.Module, **kwargs: Any) -> MCDropoutResult:

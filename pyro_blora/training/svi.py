@@ -273,6 +273,7 @@ def fit_svi(
     val_data: Union[Dataset, DataLoader, Sequence[Any], None] = None,
     callbacks: Sequence[Callback] = (),
     resume_from: Union[str, "os.PathLike[str]", None] = None,
+    result_type: type[FitResult] = FitResult,
     **options: Any,
 ) -> FitResult:
     """Fit Bayesian-LoRA adapters to ``model`` on ``data`` by SVI: the loop every method trains with.
@@ -298,6 +299,9 @@ def fit_svi(
         callbacks: called after each step with a :class:`TrainingState`; return True to stop.
         resume_from: a checkpoint folder (``TrainConfig.checkpoint_dir`` of an earlier
             run): continue that run where it stopped, with the same data and options.
+        result_type: the :class:`FitResult` subclass built before the first step (a method's own
+            predictive, e.g. MC dropout's): validation, callbacks and checkpoint scoring along
+            training then predict as the finished fit will.
         **options: any :class:`TrainConfig` field (``num_steps``, ``lr``, ``kl_weight``, ...).
     """
     train = config_from_dict(TrainConfig, options)
@@ -332,7 +336,7 @@ def fit_svi(
         for layer in bayes_model.layers:  # MAP has no entropy to stop g -> infinity: the prior stays fixed
             if getattr(layer, "lora_prior_log_gain", None) is not None:
                 layer.lora_prior_log_gain.requires_grad_(False)
-    result = FitResult(bayes_model, bayes_guide, config, train, task)
+    result = result_type(bayes_model, bayes_guide, config, train, task)
     meta = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_data": num_data, "seed": train.seed,
             "batch_size": train.batch_size,
             "num_processes": scale.num_processes, "gradient_accumulation_steps": train.gradient_accumulation_steps}

@@ -80,6 +80,20 @@ def test_seed_fixes_the_masks_and_spares_the_global_rng(fitted: MCDropoutResult)
     assert not torch.equal(first.sample_probs, fitted.predict(data, num_samples=3, seed=8).sample_probs)
 
 
+def test_checkpoints_along_training_score_the_masked_predictive() -> None:
+    from pyro_blora.training.callbacks import EvaluationSchedule
+
+    data = make_data(12, seed=6)
+    schedule = EvaluationSchedule({"validation": data}, [4, 8], num_samples=3, seed=5)
+    result = quick_fit(callbacks=[schedule])
+    last = schedule.last["validation"]
+    # the callbacks saw the method's own result from the first step (a MAP FitResult has one sample, MI 0)
+    assert last.num_samples == 3 and schedule.records[-1]["validation"]["mutual_information"] > 0
+    # the last checkpoint is the finished fit's masked predictive, with the same masks
+    assert torch.equal(last.sample_probs, result.predict(data, num_samples=3, seed=5).sample_probs)
+    assert not torch.allclose(last.probs, result.as_map().predict(data).probs)
+
+
 def test_dropout_forced_off_is_the_map_prediction() -> None:
     result = quick_fit()
     data = make_data(9, seed=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import pyro_blora
 from pyro_blora.training.callbacks import EvaluationSchedule, fraction_steps
@@ -29,3 +30,16 @@ def test_the_schedule_scores_every_set_at_its_steps_and_selects_on_validation_on
     assert set(schedule.last) == {"validation", "test"}
     with pytest.raises(ValueError, match="select_on='dev' is not one of the data sets"):
         EvaluationSchedule({"validation": val}, [1], select_on="dev")
+
+
+@pytest.mark.parametrize("method", ["delta", "normal", "flow", "mc_dropout", "blob"])
+def test_every_trained_method_is_scored_along_training_as_it_predicts_at_the_end(method: str) -> None:
+    # the contract the benchmark's checkpoint rows rest on: the callbacks see the method's own predictive
+    data = make_data(9, seed=3)
+    schedule = EvaluationSchedule({"validation": data}, [3, 6], num_samples=3, seed=4)
+    config = make_config(dropout=0.2 if method == "mc_dropout" else 0.0)
+    result = pyro_blora.fit(make_net(), make_data(), method, config=config, num_steps=6, lr=1e-2, progress=False,
+                            callbacks=[schedule])
+    final = result.predict(data, num_samples=3, seed=4)
+    assert schedule.last["validation"].num_samples == final.num_samples
+    assert torch.equal(schedule.last["validation"].sample_probs, final.sample_probs)
