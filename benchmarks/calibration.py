@@ -197,7 +197,8 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
             record["trajectory"] = schedule.records
             record["selected"] = {"step": schedule.selected_step,
                                   "metrics": {k: p.metrics() for k, p in schedule.selected.items()}}
-        write_run(run_path(out, task, label(method, tag), seed), record, predictions)
+        write_run(run_path(out, task, label(method, tag), seed), record, predictions,
+                  schedule.selected if schedule is not None else None)
         log(f"{task} {label(method, tag)} seed {seed}: {seconds:.0f} s, test {brief(predictions['test'])}")
         if method == "delta" and not tag:
             result.save(adapter_path(out, task, seed))  # so that a peer added later needs no retraining

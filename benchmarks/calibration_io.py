@@ -1,7 +1,8 @@
 """Where the calibration runner keeps its runs, and how one run is written and predicted.
 
 A run is ``<output>/<task>/<method>/seed<k>.json`` (metrics and settings) next to
-``seed<k>.safetensors`` (per-sample class probabilities of every scored split); a
+``seed<k>.safetensors`` (per-sample class probabilities of every scored split, and of the
+validation-selected checkpoint's validation and test splits where it has one); a
 MAP run also keeps its adapter in ``seed<k>.adapter/`` so that post-hoc peers can be
 fitted on it later, in another process, without retraining it.
 """
@@ -52,13 +53,25 @@ def predict_all(result: Any, prepared: Any, shifted: dict[str, list], samples: i
             for name, data in parts.items()}
 
 
-def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction]) -> None:
-    """Probabilities first, the JSON last: a JSON on disk means the run finished."""
+SELECTED = "selected."
+"""Prefix of the validation-selected checkpoint's splits in a run's safetensors (``selected.test``)."""
+
+
+def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Prediction],
+              selected: Optional[dict[str, Prediction]] = None) -> None:
+    """Probabilities first, the JSON last: a JSON on disk means the run finished.
+
+    ``selected`` (the checkpoint with the lowest validation NLL, per split) is stored as ``selected.<split>``,
+    so that an ensemble of early-stopped members can be averaged later from the members' own probabilities.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, prediction in predictions.items():
         tensors[f"{name}.sample_probs"] = prediction.sample_probs.contiguous()
         tensors[f"{name}.labels"] = prediction.labels.contiguous()
+    for name, prediction in (selected or {}).items():  # copies: the selected checkpoint may be the last one
+        tensors[f"{SELECTED}{name}.sample_probs"] = prediction.sample_probs.clone()
+        tensors[f"{SELECTED}{name}.labels"] = prediction.labels.clone()
     save_file(tensors, str(path.with_suffix(".safetensors")))
     record["metrics"] = {name: prediction.metrics() for name, prediction in predictions.items()}
     tmp = path.with_suffix(".json.tmp")

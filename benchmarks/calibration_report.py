@@ -2,7 +2,8 @@
 
 Reads every ``<output>/<task>/<method>/seed<k>.json`` (and its ``.safetensors``
 of per-sample probabilities), adds the post-hoc rows (temperature scaling fitted
-on each run's validation probabilities; deep ensembles of consecutive MAP seeds),
+on each run's validation probabilities; deep ensembles of consecutive MAP seeds, and of
+those seeds' validation-selected checkpoints where the runs kept them),
 and writes ``summary.md``, ``summary.json`` and ``reliability_grid.png``.
 """
 
@@ -19,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
-from calibration_io import method_of
+from calibration_io import SELECTED, method_of
 
 from pyro_blora import metrics
 from pyro_blora.result import Prediction
@@ -43,8 +44,8 @@ def temperature_bases(methods: Iterable[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _predictions(path: Path) -> dict[str, Prediction]:
-    """A run's per-split predictions, read once per report (temperature, ensembles and the grid share them)."""
+def _stored_predictions(path: Path) -> dict[str, Prediction]:
+    """Every prediction a run's safetensors holds, read once per report (temperature, ensembles and the grid share them)."""
     tensors = load_file(str(path.with_suffix(".safetensors")))
     names = {key.rsplit(".", 1)[0] for key in tensors}
     return {
@@ -53,17 +54,42 @@ def _predictions(path: Path) -> dict[str, Prediction]:
     }
 
 
+def _predictions(path: Path, selected: bool = False) -> dict[str, Prediction]:
+    """A run's per-split predictions of the finished fit, or (``selected``) of its validation-selected checkpoint
+    (empty for a run stored before those were kept, or for a method without checkpoints)."""
+    stored = _stored_predictions(path)
+    if selected:
+        return {name[len(SELECTED):]: p for name, p in stored.items() if name.startswith(SELECTED)}
+    return {name: p for name, p in stored.items() if not name.startswith(SELECTED)}
+
+
+def _ensemble(maps: Mapping[int, Mapping[str, Any]], members: list[int]) -> dict[str, Any]:
+    """The ensemble record of MAP runs ``members``: their finished fits averaged and, when every member kept its
+    validation-selected checkpoint, those averaged too (an ensemble of early-stopped members: ``ensemble@val``)."""
+    from pyro_blora.baselines.ensemble import combine_predictions
+
+    def combine(parts: list[dict[str, Prediction]]) -> dict[str, dict[str, float]]:
+        return _metrics({name: combine_predictions([p[name] for p in parts]) for name in parts[0]})
+
+    files = [Path(maps[m]["file"]) for m in members]
+    record: dict[str, Any] = {"metrics": combine([_predictions(f) for f in files]), "members": members,
+                              "train_seconds": sum(maps[m]["train_seconds"] for m in members)}
+    chosen = [_predictions(f, selected=True) for f in files]
+    if all({"validation", "test"} <= set(c) for c in chosen):
+        record["selected"] = {"step": [maps[m]["selected"]["step"] for m in members], "metrics": combine(chosen)}
+    return record
+
+
 def _metrics(predictions: Mapping[str, Prediction]) -> dict[str, dict[str, float]]:
     return {name: prediction.metrics() for name, prediction in predictions.items()}
 
 
 def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """``runs[task][method][seed] = {"metrics": {split: {...}}, "train_seconds": ...}``, post-hoc rows included."""
-    from pyro_blora.baselines.ensemble import combine_predictions
     from pyro_blora.baselines.temperature import apply_temperature, fit_temperature
 
     seeds = list(seeds)
-    _predictions.cache_clear()  # a report reads the folder as it is now
+    _stored_predictions.cache_clear()  # a report reads the folder as it is now
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for file in sorted(out.glob("*/*/seed*.json")):
         record = json.loads(file.read_text())
@@ -84,12 +110,7 @@ def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, di
         for seed in seeds:
             members = [seed + i for i in range(ensemble_size)]
             if all(m in maps for m in members):
-                parts = [_predictions(Path(maps[m]["file"])) for m in members]
-                combined = {name: combine_predictions([p[name] for p in parts]) for name in parts[0]}
-                methods.setdefault("ensemble", {})[seed] = {
-                    "metrics": _metrics(combined), "members": members,
-                    "train_seconds": sum(maps[m]["train_seconds"] for m in members),
-                }
+                methods.setdefault("ensemble", {})[seed] = _ensemble(maps, members)
     return runs
 
 

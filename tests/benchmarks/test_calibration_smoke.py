@@ -55,8 +55,8 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert record["trajectory"][-1]["test"] == record["metrics"]["test"]  # the last checkpoint is the reported run
     results = json.loads((tmp_path / "calibration.json").read_text())
     rows = results["tasks"]["drug_reviews_binary"]
-    assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "flow@val", "laplace_last_layer",
-            "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
+    assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "ensemble@val", "flow@val",
+            "laplace_last_layer", "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
     assert rows["tfb"]["cost"]["seconds"]["mean"] > 0 and "cost" not in rows["delta"]
     assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds", "per_seed", "devices"}
     assert rows["flow"]["seeds"] == 1 and rows["flow"]["devices"] == ["cpu"] and rows["flow@val"]["devices"] == ["cpu"]
@@ -226,3 +226,39 @@ def test_tagged_variants_of_map_and_flow_get_their_own_temperature_rows(monkeypa
     rows = module.results({"t": runs}, seeds=[0], protocol={})["tasks"]["t"]
     assert {"delta+temperature", "delta-top6+temperature", "flow-kl4+temperature"} <= set(rows)
     assert rows["delta-top6+temperature"]["nll"]["mean"] < rows["delta-top6"]["nll"]["mean"]
+
+
+def test_the_early_stopped_ensemble_averages_each_members_validation_selected_checkpoint(monkeypatch, tmp_path):
+    import torch
+
+    from pyro_blora.baselines.ensemble import combine_predictions
+    from pyro_blora.result import Prediction
+
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
+    io, report = sys.modules["calibration_io"], sys.modules["calibration_report"]
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def prediction(p: float) -> Prediction:
+        probs = torch.tensor([[p, 1 - p], [1 - p, p], [0.5, 0.5], [p, 1 - p]])
+        return Prediction(probs.clone(), probs[None].clone(), labels.clone())
+
+    def write(seed: int, selected: bool) -> None:
+        record = {"task": "t", "method": "delta", "seed": seed, "train_seconds": 1.0,
+                  "selected": {"step": 10 * (seed + 1), "metrics": {}}}
+        chosen = {"validation": prediction(0.6 + 0.1 * seed), "test": prediction(0.6 + 0.1 * seed)} if selected else None
+        io.write_run(tmp_path / "t" / "delta" / f"seed{seed}.json", record,
+                     {"validation": prediction(0.99), "test": prediction(0.99)}, chosen)
+
+    for seed in range(3):
+        write(seed, selected=True)
+    ensemble = report.collect(tmp_path, seeds=[0], ensemble_size=3)["t"]["ensemble"][0]
+    expected = combine_predictions([prediction(0.6 + 0.1 * s) for s in range(3)]).metrics()
+    assert ensemble["selected"]["step"] == [10, 20, 30]
+    assert ensemble["selected"]["metrics"]["test"]["nll"] == pytest.approx(expected["nll"])
+    assert ensemble["metrics"]["test"]["nll"] == pytest.approx(prediction(0.99).metrics()["nll"])
+    # the stored checkpoint is not one of the splits the post-hoc rows are computed on
+    assert set(report.collect(tmp_path, seeds=[0], ensemble_size=3)["t"]["delta+ts"][0]["metrics"]) == {"validation", "test"}
+    rows = module.results(report.collect(tmp_path, seeds=[0], ensemble_size=3), seeds=[0], protocol={})["tasks"]["t"]
+    assert rows["ensemble@val"]["nll"]["mean"] == pytest.approx(expected["nll"]) and "delta@val" not in rows
+    write(1, selected=False)  # a member stored before the checkpoints were kept: no early-stopped ensemble
+    assert "selected" not in report.collect(tmp_path, seeds=[0], ensemble_size=3)["t"]["ensemble"][0]
