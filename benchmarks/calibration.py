@@ -46,13 +46,11 @@ from pyro_blora.inject import remove_adapters
 from pyro_blora.training.callbacks import EvaluationSchedule, fraction_steps
 
 TRAINED = ["delta", "mc_dropout", "blob", "normal", "flow"]
-"""Methods that train adapters; the post-hoc peers (``calibration_peers.PEERS``) are fitted after each ``delta`` run."""
+"""Methods that train adapters, each scored at its checkpoints as it predicts (``fit_svi``'s ``result_type``); the
+post-hoc peers (``calibration_peers.PEERS``) are fitted after each ``delta`` run."""
 
 POSTHOC = ["ensemble", "delta+ts", "flow+ts"]
 SHIFT = {"openbookqa": ["arc_easy", "arc_challenge"]}
-TRAJECTORY_METHODS = ("delta", "mc_dropout", "normal", "flow", "blob")
-"""Methods whose fit result predicts as the method does along training (``fit_svi``'s ``result_type``), so that
-the checkpoints can be scored; the ensemble is post-hoc over MAP runs and has no checkpoints of its own."""
 ENSEMBLE_SIZE = 3
 
 
@@ -131,10 +129,10 @@ def _fit(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int,
 
 
 def _schedule(cfg: ExperimentConfig, prepared: Prepared, method: str, seed: int) -> Optional[EvaluationSchedule]:
-    """Validation and test scored every 10 % of the step budget (the trained methods; the ensemble, averaged
-    after the fact over MAP runs, has none). The shift sets
+    """Validation and test scored every 10 % of the step budget of a trained method (the ensemble, averaged
+    after the fact over MAP runs, has no checkpoints of its own). The shift sets
     are scored on the finished fit only: along training they would double a QA run's prediction cost."""
-    if method not in TRAJECTORY_METHODS or cfg.num_steps is None:
+    if cfg.num_steps is None:
         return None
     sets = {"validation": prepared.validation, "test": prepared.test}
     return EvaluationSchedule(sets, fraction_steps(cfg.num_steps), select_on="validation", num_samples=cfg.num_samples,
@@ -238,7 +236,7 @@ def available_tasks(tasks: list[str], data_dir: Optional[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=TRAINED, help=f"trained methods (default {TRAINED})")
+    parser.add_argument("--methods", nargs="+", default=TRAINED, choices=TRAINED, help=f"trained methods (default {TRAINED})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output", default="runs/calibration")
     parser.add_argument("--data-dir", default=None)
@@ -312,6 +310,8 @@ def _parse_only(entries: list[str]) -> list[tuple[str, int]]:
         method, sep, seed = entry.partition(":")
         if not sep or not method or not seed.isdigit():
             raise SystemExit(f"--only expects METHOD:SEED (e.g. flow:0), got {entry!r}")
+        if method not in TRAINED and method not in PEERS:
+            raise SystemExit(f"--only {entry}: {method!r} is neither a trained method {TRAINED} nor a peer {list(PEERS)}")
         out.append((method, int(seed)))
     return out
 

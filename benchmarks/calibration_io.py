@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from safetensors.torch import save_file
 
 from pyro_blora.result import Prediction
@@ -66,12 +67,10 @@ def write_run(path: Path, record: dict[str, Any], predictions: dict[str, Predict
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, prediction in predictions.items():
-        tensors[f"{name}.sample_probs"] = prediction.sample_probs.contiguous()
-        tensors[f"{name}.labels"] = prediction.labels.contiguous()
-    for name, prediction in (selected or {}).items():  # copies: the selected checkpoint may be the last one
-        tensors[f"{SELECTED}{name}.sample_probs"] = prediction.sample_probs.clone()
-        tensors[f"{SELECTED}{name}.labels"] = prediction.labels.clone()
+    parts = {**predictions, **{SELECTED + name: p for name, p in (selected or {}).items()}}
+    for name, prediction in parts.items():  # copies: the selected checkpoint may be the last one, sharing storage
+        tensors[f"{name}.sample_probs"] = prediction.sample_probs.clone(memory_format=torch.contiguous_format)
+        tensors[f"{name}.labels"] = prediction.labels.clone(memory_format=torch.contiguous_format)
     save_file(tensors, str(path.with_suffix(".safetensors")))
     record["metrics"] = {name: prediction.metrics() for name, prediction in predictions.items()}
     tmp = path.with_suffix(".json.tmp")

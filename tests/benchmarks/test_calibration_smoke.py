@@ -110,6 +110,7 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
 @pytest.mark.parametrize("only, message", [
     (["flow"], "--only expects METHOD:SEED (e.g. flow:0), got 'flow'"),
     (["tfb:5"], "--only tfb:5: no saved MAP adapter"),
+    (["ensemble:0"], "--only ensemble:0: 'ensemble' is neither a trained method"),
 ])
 def test_only_names_a_bad_run_before_any_model_loads(tmp_path, only, message):
     result = _run(["--tasks", "drug_reviews_binary", "--output", str(tmp_path), "--only", *only])

@@ -143,8 +143,7 @@ def fit_blob(model: nn.Module, data: Any, request: FitRequest, options: BLoBOpti
     with restored_on_failure(model):  # the caller's model as it was, so that the call can be corrected and retried
         layers = inject_adapters(model, config, blob_layer_factory(options.prior_std, options.flipout))
         guide = BLoBGuide(_blob_layers(layers), init_eps=options.init_eps)
-        result = fit_svi(model, data, guide, **{**request.svi_arguments(), "config": config})
-    return BLoBResult.from_fit_result(result)
+        return fit_svi(model, data, guide, result_type=BLoBResult, **{**request.svi_arguments(), "config": config})
 
 
 def load_blob(
