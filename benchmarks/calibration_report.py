@@ -84,10 +84,28 @@ def _metrics(predictions: Mapping[str, Prediction]) -> dict[str, dict[str, float
     return {name: prediction.metrics() for name, prediction in predictions.items()}
 
 
-def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """``runs[task][method][seed] = {"metrics": {split: {...}}, "train_seconds": ...}``, post-hoc rows included."""
+def _tempered(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``+ts`` record of a run: its finished fit temperature-scaled and, where the run kept its
+    validation-selected checkpoint, that checkpoint scaled by its own temperature (``delta+temperature@val``:
+    early stopping plus temperature, the strongest post-hoc MAP a peft user can build). Validation only, never test."""
     from pyro_blora.baselines.temperature import apply_temperature, fit_temperature
 
+    def scale(predictions: dict[str, Prediction]) -> tuple[dict[str, dict[str, float]], float]:
+        temperature = fit_temperature(predictions["validation"])
+        return _metrics({k: apply_temperature(v, temperature) for k, v in predictions.items()}), temperature
+
+    metrics, temperature = scale(_predictions(Path(record["file"])))
+    tempered: dict[str, Any] = {"metrics": metrics, "temperature": temperature,
+                                "train_seconds": record["train_seconds"], "settings": record.get("settings", {})}
+    chosen = _predictions(Path(record["file"]), selected=True)
+    if {"validation", "test"} <= set(chosen):
+        metrics, temperature = scale(chosen)
+        tempered["selected"] = {"step": record["selected"]["step"], "metrics": metrics, "temperature": temperature}
+    return tempered
+
+
+def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """``runs[task][method][seed] = {"metrics": {split: {...}}, "train_seconds": ...}``, post-hoc rows included."""
     seeds = list(seeds)
     _stored_predictions.cache_clear()  # a report reads the folder as it is now
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
@@ -99,13 +117,7 @@ def collect(out: Path, seeds: Iterable[int], ensemble_size: int) -> dict[str, di
             for seed, record in methods[base].items():
                 if seed not in seeds:
                     continue
-                predictions = _predictions(Path(record["file"]))
-                temperature = fit_temperature(predictions["validation"])  # validation only, never test
-                scaled = {k: apply_temperature(v, temperature) for k, v in predictions.items()}
-                methods.setdefault(f"{base}+ts", {})[seed] = {
-                    "metrics": _metrics(scaled), "temperature": temperature, "train_seconds": record["train_seconds"],
-                    "settings": record.get("settings", {}),
-                }
+                methods.setdefault(f"{base}+ts", {})[seed] = _tempered(record)
         maps = methods.get("delta", {})
         for seed in seeds:
             members = [seed + i for i in range(ensemble_size)]

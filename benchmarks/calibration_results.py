@@ -7,7 +7,8 @@
 
 with METHOD the registry's names, post-hoc rows as ``delta+temperature`` / ``flow+temperature``, and the
 validation-selected checkpoint of a trained method as ``METHOD@val`` (test metrics of the checkpoint with
-the lowest validation NLL). Fractions, not percents; the last checkpoint of the long protocol otherwise.
+the lowest validation NLL; ``delta+temperature@val`` is that checkpoint scaled by a temperature fitted on its
+own validation split). Fractions, not percents; the last checkpoint of the long protocol otherwise.
 The post-hoc peers (``laplace_last_layer``, ``laplace_lora``, ``laplace_lora_val``, ``tfb``) add ``cost``:
 seconds and peak memory of their own step, and those of the MAP run they sit on. Every row keeps
 ``per_seed`` (each seed's values), so a later invocation's seeds can be pooled in (``--pool``).
@@ -87,7 +88,7 @@ def results(runs: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]], s
             selected = {str(s): _seed_values(r["selected"]["metrics"][split], r) for s, r in by_seed.items()
                         if s in seeds and r.get("selected", {}).get("metrics", {}).get(split)}
             if selected:
-                rows[f"{method}@val"] = row_from_seeds(selected)
+                rows[f"{posthoc_name(method)}@val"] = row_from_seeds(selected)
         tasks[task] = rows
     return {"commit": _commit(), "protocol": dict(protocol), "tasks": tasks}
 

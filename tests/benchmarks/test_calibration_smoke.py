@@ -56,7 +56,8 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     results = json.loads((tmp_path / "calibration.json").read_text())
     rows = results["tasks"]["drug_reviews_binary"]
     assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "ensemble@val", "flow@val",
-            "laplace_last_layer", "laplace_lora", "laplace_lora_val", "tfb"} <= set(rows)
+            "delta+temperature@val", "flow+temperature@val", "laplace_last_layer", "laplace_lora", "laplace_lora_val",
+            "tfb"} <= set(rows)
     assert rows["tfb"]["cost"]["seconds"]["mean"] > 0 and "cost" not in rows["delta"]
     assert set(rows["flow"]) == {"acc", "ece", "nll", "brier", "mi", "seeds", "per_seed", "devices"}
     assert rows["flow"]["seeds"] == 1 and rows["flow"]["devices"] == ["cpu"] and rows["flow@val"]["devices"] == ["cpu"]
@@ -263,3 +264,29 @@ def test_the_early_stopped_ensemble_averages_each_members_validation_selected_ch
     assert rows["ensemble@val"]["nll"]["mean"] == pytest.approx(expected["nll"]) and "delta@val" not in rows
     write(1, selected=False)  # a member stored before the checkpoints were kept: no early-stopped ensemble
     assert "selected" not in report.collect(tmp_path, seeds=[0], ensemble_size=3)["t"]["ensemble"][0]
+
+
+def test_the_early_stopped_map_gets_its_own_temperature_row(monkeypatch, tmp_path):
+    import torch
+
+    from pyro_blora.baselines.temperature import apply_temperature, fit_temperature
+    from pyro_blora.result import Prediction
+
+    module = _load_by_path(monkeypatch, "calibration_io", "calibration_report", "calibration_results")
+    io, report = sys.modules["calibration_io"], sys.modules["calibration_report"]
+    labels = torch.tensor([0, 1, 1, 0, 1])
+
+    def prediction(p: float) -> Prediction:  # right on four of five: p = 0.99 over-confident, p = 0.6 under-confident
+        probs = torch.tensor([[p, 1 - p], [1 - p, p], [p, 1 - p], [p, 1 - p], [1 - p, p]])
+        return Prediction(probs.clone(), probs[None].clone(), labels.clone())
+
+    record = {"task": "t", "method": "delta", "seed": 0, "train_seconds": 1.0, "selected": {"step": 7, "metrics": {}}}
+    io.write_run(tmp_path / "t" / "delta" / "seed0.json", record, {"validation": prediction(0.99), "test": prediction(0.99)},
+                 {"validation": prediction(0.6), "test": prediction(0.6)})
+    tempered = report.collect(tmp_path, seeds=[0], ensemble_size=3)["t"]["delta+ts"][0]
+    assert tempered["temperature"] > 1 > tempered["selected"]["temperature"] and tempered["selected"]["step"] == 7
+    expected = apply_temperature(prediction(0.6), fit_temperature(prediction(0.6))).metrics()["nll"]
+    assert tempered["selected"]["metrics"]["test"]["nll"] == pytest.approx(expected)
+    assert expected < prediction(0.6).metrics()["nll"]  # the selected checkpoint's own temperature helps it
+    rows = module.results(report.collect(tmp_path, seeds=[0], ensemble_size=3), seeds=[0], protocol={})["tasks"]["t"]
+    assert rows["delta+temperature@val"]["nll"]["mean"] == pytest.approx(expected) and "delta+ts@val" not in rows
