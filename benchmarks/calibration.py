@@ -189,6 +189,8 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
         record = {"task": task, "method": label(method, tag), "seed": seed, "train_seconds": seconds,
                   "peak_memory_mb": peak_mb, "memory_method": memory.method, "num_train": len(prepared.train),
                   "settings": settings, "overrides": overrides,
+                  # what the optimiser got (a preset overrides lr and the loss terms); the run's own seed is "seed"
+                  "training": {k: v for k, v in cfg.train_options().items() if k != "seed"},
                   "final_train_nll": (result.history.get("nll") or [float("nan")])[-1],
                   "diagnostics": _diagnostics(result, prepared)}
         if schedule is not None:

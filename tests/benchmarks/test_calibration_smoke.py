@@ -46,6 +46,7 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
         assert 0.0 <= peer_record["metrics"]["test"]["ece"] <= 1.0
     record = json.loads((task_dir / "flow" / "seed0.json").read_text())
     assert record["settings"]["model"] == str(tiny_model_dir)
+    assert record["training"]["num_steps"] == 4 and record["training"]["lr"] == record["settings"]["lr"]  # no preset
     for split in ("validation", "test"):
         assert 0.0 <= record["metrics"][split]["ece"] <= 1.0 and record["metrics"][split]["num_examples"] == 8
 
