@@ -56,10 +56,12 @@ def _stored_predictions(path: Path) -> dict[str, Prediction]:
 
 def _predictions(path: Path, selected: bool = False) -> dict[str, Prediction]:
     """A run's per-split predictions of the finished fit, or (``selected``) of its validation-selected checkpoint
-    (empty for a run stored before those were kept, or for a method without checkpoints)."""
+    (empty unless both its validation and test splits are stored: a run stored before those were kept, or a
+    method without checkpoints)."""
     stored = _stored_predictions(path)
     if selected:
-        return {name[len(SELECTED):]: p for name, p in stored.items() if name.startswith(SELECTED)}
+        chosen = {name[len(SELECTED):]: p for name, p in stored.items() if name.startswith(SELECTED)}
+        return chosen if {"validation", "test"} <= set(chosen) else {}
     return {name: p for name, p in stored.items() if not name.startswith(SELECTED)}
 
 
@@ -75,7 +77,7 @@ def _ensemble(maps: Mapping[int, Mapping[str, Any]], members: list[int]) -> dict
     record: dict[str, Any] = {"metrics": combine([_predictions(f) for f in files]), "members": members,
                               "train_seconds": sum(maps[m]["train_seconds"] for m in members)}
     chosen = [_predictions(f, selected=True) for f in files]
-    if all({"validation", "test"} <= set(c) for c in chosen):
+    if all(chosen):
         record["selected"] = {"step": [maps[m]["selected"]["step"] for m in members], "metrics": combine(chosen)}
     return record
 
@@ -87,18 +89,19 @@ def _metrics(predictions: Mapping[str, Prediction]) -> dict[str, dict[str, float
 def _tempered(record: Mapping[str, Any]) -> dict[str, Any]:
     """The ``+ts`` record of a run: its finished fit temperature-scaled and, where the run kept its
     validation-selected checkpoint, that checkpoint scaled by its own temperature (``delta+temperature@val``:
-    early stopping plus temperature, the strongest post-hoc MAP a peft user can build). Validation only, never test."""
+    early stopping plus temperature, the other post-hoc MAP a peft user would try). Validation only, never test."""
     from pyro_blora.baselines.temperature import apply_temperature, fit_temperature
 
     def scale(predictions: dict[str, Prediction]) -> tuple[dict[str, dict[str, float]], float]:
         temperature = fit_temperature(predictions["validation"])
         return _metrics({k: apply_temperature(v, temperature) for k, v in predictions.items()}), temperature
 
-    metrics, temperature = scale(_predictions(Path(record["file"])))
+    path = Path(record["file"])
+    metrics, temperature = scale(_predictions(path))
     tempered: dict[str, Any] = {"metrics": metrics, "temperature": temperature,
                                 "train_seconds": record["train_seconds"], "settings": record.get("settings", {})}
-    chosen = _predictions(Path(record["file"]), selected=True)
-    if {"validation", "test"} <= set(chosen):
+    chosen = _predictions(path, selected=True)
+    if chosen:
         metrics, temperature = scale(chosen)
         tempered["selected"] = {"step": record["selected"]["step"], "metrics": metrics, "temperature": temperature}
     return tempered
