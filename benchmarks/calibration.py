@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from calibration_io import adapter_path, brief, label, log, predict_all, run_path, write_run
 from calibration_peers import PEERS, fit_peers, fit_peers_from_saved, peer_backlog
-from common import PeakMemory
+from common import PeakMemory, env_info
 
 from pyro_blora.experiments.pipeline import ExperimentConfig, Prepared, fit_method, prepare
 from pyro_blora.inject import remove_adapters
@@ -191,6 +191,8 @@ def run_task(task: str, todo: list[tuple[str, int]], out: Path, data_dir: Option
                   "settings": settings, "overrides": overrides,
                   # what the optimiser got (a preset overrides lr and the loss terms); the run's own seed is "seed"
                   "training": {k: v for k, v in cfg.train_options().items() if k != "seed"},
+                  # the machine and versions: what to compare when a rerun does not reproduce this one
+                  "environment": env_info(device),
                   "final_train_nll": (result.history.get("nll") or [float("nan")])[-1],
                   "diagnostics": _diagnostics(result, prepared)}
         if schedule is not None:

@@ -17,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -293,7 +294,20 @@ class PeakMemory:
         return self.base_kb / 1024
 
 
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def env_info(device: str = "cpu") -> dict[str, Any]:
+    """The machine and package versions a figure depends on: a rerun that does not reproduce a run bit for bit
+    (kernels and thread counts change results) can then be told apart by its CPU, kernel capability and versions."""
     import platform
 
     info = {
@@ -302,8 +316,10 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device,
         "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    for name in ("transformers", "peft", "pyro"):
+    for name in ("transformers", "peft", "pyro", "numpy"):
         try:
             module = __import__(name)
             info[name] = getattr(module, "__version__", "?")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,9 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     record = json.loads((task_dir / "flow" / "seed0.json").read_text())
     assert record["settings"]["model"] == str(tiny_model_dir)
     assert record["training"]["num_steps"] == 4 and record["training"]["lr"] == record["settings"]["lr"]  # no preset
+    environment = record["environment"]  # what a non-reproducing rerun is compared on
+    assert environment["torch"] == torch.__version__ and environment["threads"] >= 1
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and environment["pyro"]
     for split in ("validation", "test"):
         assert 0.0 <= record["metrics"][split]["ece"] <= 1.0 and record["metrics"][split]["num_examples"] == 8
 
