@@ -38,6 +38,20 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
 
     task_dir = tmp_path / "drug_reviews_binary"
+    _check_run_records(task_dir, tiny_model_dir)
+    _check_results_and_report(tmp_path, tasks)
+
+    again = _run(common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "all runs finished" in again.stderr
+    assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
+    assert "caching train: 12 records stored in" in first.stderr
+    _check_lost_peer_refitted(task_dir, common)
+
+
+def _check_run_records(task_dir, tiny_model_dir):
+    """The runner's files for one task: MAP seeds for the ensemble, peers on --seeds only, a flow record with
+    its environment, checkpoints every 10 % of the budget and the last one reported."""
     assert sorted(p.name for p in (task_dir / "delta").glob("*.json")) == ["seed0.json", "seed1.json", "seed2.json"]
     assert (task_dir / "flow" / "seed0.safetensors").exists()
     assert not (task_dir / "tfb" / "seed1.json").exists()  # MAP seeds 1-2 serve the ensemble only: no peers on them
@@ -58,6 +72,10 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert [point["step"] for point in record["trajectory"]] == [1, 2, 3, 4]
     assert {"validation", "test"} <= set(record["trajectory"][-1]) and record["selected"]["step"] in (1, 2, 3, 4)
     assert record["trajectory"][-1]["test"] == record["metrics"]["test"]  # the last checkpoint is the reported run
+
+
+def _check_results_and_report(tmp_path, tasks):
+    """calibration.json in the issue's shape, the summary's tables and the figures."""
     results = json.loads((tmp_path / "calibration.json").read_text())
     rows = results["tasks"]["drug_reviews_binary"]
     assert {"delta", "flow", "delta+temperature", "flow+temperature", "ensemble", "ensemble@val", "flow@val",
@@ -92,12 +110,9 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
         assert 0.0 <= last["metrics"]["test"]["ece"] <= 1.0 and last["chosen"]["prior_precision"] > 0
         assert {"laplace_last_layer", "laplace_lora", "tfb"} <= set(results["tasks"]["openbookqa"])
 
-    again = _run(common)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "all runs finished" in again.stderr
-    assert "prepared in" not in again.stderr  # nothing was re-run, not even the caching
 
-    # a peer lost (or added later) is fitted on the saved MAP adapter: the MAP run is not retrained
+def _check_lost_peer_refitted(task_dir, common):
+    """A peer lost (or added later) is fitted on the saved MAP adapter: the MAP run is not retrained."""
     assert (task_dir / "delta" / "seed0.adapter" / "adapter_config.json").is_file()
     map_record = (task_dir / "delta" / "seed0.json").read_text()
     tfb = json.loads((task_dir / "tfb" / "seed0.json").read_text())
@@ -106,7 +121,6 @@ def test_runner_writes_runs_table_and_grid_then_resumes(tiny_model_dir, tmp_path
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "peers ['tfb'] of the saved MAP run, seed 0" in redo.stderr and "delta seed" not in redo.stderr
     assert "caching train: 12 records read back from" in redo.stderr  # the frozen blocks did not run again
-    assert "caching train: 12 records stored in" in first.stderr
     assert (task_dir / "delta" / "seed0.json").read_text() == map_record
     refit = json.loads((task_dir / "tfb" / "seed0.json").read_text())
     assert refit["chosen"]["sigma"] == tfb["chosen"]["sigma"]  # the same MAP weights, the same search
